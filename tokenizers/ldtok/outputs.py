@@ -1,0 +1,52 @@
+"""Typed outputs shared by quantizers, autoencoders and losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+
+@dataclass
+class QuantizerOutput:
+    """What a vector quantizer returns.
+
+    Args:
+        quantized (`Tensor` of shape `(B, C, H, W)`): straight-through quantized latents (gradients pass to the input).
+        indices (`Tensor` of shape `(B, H, W)`, int64): the chosen code of every position.
+        loss (`Tensor`, scalar): the quantizer's contribution to the generator loss,
+            `beta * commit_loss + codebook_loss`.
+        commit_loss (`Tensor`, scalar): unweighted `||z_e - sg(z_q)||^2`; its gradient reaches the encoder only.
+        codebook_loss (`Tensor`, scalar): unweighted `||sg(z_e) - z_q||^2`; its gradient reaches the codebook only
+            (zero when the codebook is updated by EMA).
+        perplexity (`Tensor`, scalar): `exp(entropy)` of the batch's code histogram (all ranks), for logging.
+        usage (`Tensor`, scalar): fraction of codes used in the batch (all ranks), for logging.
+    """
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    commit_loss: Tensor
+    codebook_loss: Tensor
+    perplexity: Tensor
+    usage: Tensor
+
+
+@dataclass
+class AutoencoderOutput:
+    """What a trainable autoencoder's `forward` returns.
+
+    Args:
+        sample (`Tensor` of shape `(B, 3, H, W)`): the reconstruction.
+        posterior (`DiagonalGaussianDistribution`, *optional*): the KL model's posterior; `None` for VQ models and for
+            a KL model in deterministic mode.
+        quant (`QuantizerOutput` or list of them, *optional*): VQ models' quantizer outputs (VQ-VAE-2: `[top, bottom]`).
+    """
+
+    sample: Tensor
+    posterior: DiagonalGaussianDistribution | None = None
+    quant: QuantizerOutput | list[QuantizerOutput] | None = None
