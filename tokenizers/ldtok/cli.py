@@ -1,0 +1,57 @@
+"""The `ldtok` command line: `ldtok info`, `ldtok keys`, and the subcommands that later modules register."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help); each module has `add_arguments(parser)` and `run(args) -> int`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import ldtok
+    from ldtok.perceptual import PERCEPTUAL_NETS, build_perceptual
+
+    print(f"ldtok {ldtok.__version__}, torch {torch.__version__}")
+    print(f"CUDA devices: {torch.cuda.device_count()}")
+    for name in PERCEPTUAL_NETS:
+        if name == "none":
+            continue
+        try:
+            build_perceptual(name)
+            status = "available"
+        except RuntimeError as e:
+            status = "unavailable: " + str(e).splitlines()[0]
+        print(f"perceptual {name:14s} {status}")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from ldtok.config import describe
+    from ldtok.training import RunConfig
+
+    print(describe(RunConfig))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldtok", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, which perceptual networks work offline").set_defaults(func=_info)
+    sub.add_parser("keys", help="every training config key with its type and default").set_defaults(func=_keys)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

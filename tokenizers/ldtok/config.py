@@ -1,0 +1,241 @@
+"""Typed configs: YAML files merged with dotted ``key=value`` overrides into dataclasses, validated.
+
+A config is a tree of plain ``@dataclass`` classes. ``load_config(RunConfig, "configs/demo-kl.yaml", ["train.max_steps=4"])``
+reads the YAML, applies the overrides (values are parsed as YAML scalars, so ``4`` is an int and ``[32, 64]`` a list),
+and builds the dataclasses. Every key must exist and every value must have the declared type; a mistake is a
+:class:`ConfigError` that names the dotted key. Nothing is silently defaulted or ignored.
+
+A dataclass may declare presets with a class attribute ``presets: ClassVar[dict[str, dict]]``; a ``preset: NAME`` key in
+its section then fills in that preset's values first, and the section's other keys override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the config's schema; the message names the key."""
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Build a config of type `cls` from a YAML file and `key=value` overrides.
+
+    Args:
+        cls (`type`): the root dataclass.
+        path (`str`, *optional*): a YAML file whose mapping matches `cls`.
+        overrides (`list[str]`, *optional*): dotted assignments such as `"train.max_steps=4"`, applied after the file.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _assign(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return from_dict(cls, raw)
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
+    """Parse `--config PATH key=value ...` from the command line into a config of type `cls`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    overrides = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(f"usage: --config FILE.yaml [key=value ...]\n\nkeys of {cls.__name__}:\n{describe(cls)}")
+            raise SystemExit(0)
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: expected --config FILE or key=value")
+        i += 1
+    return load_config(cls, path, overrides)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, validating every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    presets = getattr(cls, "presets", None)
+    if "preset" in data and isinstance(presets, dict):
+        name = data.pop("preset")
+        if name not in presets:
+            raise ConfigError(f"{prefix}preset: unknown preset {name!r} (known: {', '.join(sorted(presets))})")
+        data = {**presets[name], **data}
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} (valid keys in {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(fields)})"
+        )
+    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain (YAML-serializable) dict of a config."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """One line per key: `dotted.key: type = default`."""
+    lines = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        )
+        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}")
+    return "\n".join(lines)
+
+
+def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {'.'.join(parts[: i + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against type `tp`; return it converted (int -> float, list -> tuple, mapping -> dataclass)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: a value is required ({_type_name(tp)})")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        converted = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(converted) if origin is tuple else converted
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-6" (no dot) as a string; accept it when it parses as a number.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")

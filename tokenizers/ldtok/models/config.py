@@ -1,0 +1,72 @@
+"""The model section of a training config, and the architecture presets it can name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+# Architecture presets (DiT's `DiT_models`, LlamaGen's `VQ_models`): a name -> the `model.*` keys it sets.
+# A YAML config selects one with `model.preset: NAME`; keys given next to it override the preset's.
+MODEL_PRESETS: dict[str, dict] = {
+    # Stable Diffusion's VAE: f8, 4 latent channels (CompVis kl-f8).
+    "kl-f8": dict(
+        type="kl", block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=256
+    ),
+    # CompVis kl-f16: f16, 16 latent channels (ch_mult 1,1,2,2,4).
+    "kl-f16": dict(
+        type="kl", block_out_channels=[128, 128, 256, 256, 512], layers_per_block=2, latent_channels=16,
+        sample_size=256,
+    ),
+    # A tiny f4 KL-VAE that trains on CPU in minutes.
+    "demo-kl": dict(
+        type="kl", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=64, mid_block_add_attention=False,
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the autoencoder being trained.
+
+    Args:
+        type (`"kl"`, `"vqgan"` or `"vqvae2"`): the model family.
+        init_from (`str`, *optional*): a diffusers model directory to start from (fine-tuning). Its own config then
+            defines the architecture, and the architecture keys below must be left at their defaults.
+        in_channels (`int`, defaults to 3): image channels.
+        block_out_channels (`list[int]`): channels per resolution level; the downsampling factor is
+            `2 ** (len(block_out_channels) - 1)`.
+        layers_per_block (`int`): ResNet blocks per level.
+        latent_channels (`int`): channels of the latent (KL: of the posterior's mean).
+        norm_num_groups (`int`): GroupNorm groups; must divide every entry of `block_out_channels`.
+        sample_size (`int`): the training resolution written into the exported config.
+        mid_block_add_attention (`bool`): self-attention in the encoder's and decoder's middle blocks.
+        gradient_checkpointing (`bool`): recompute activations in the backward pass to save memory.
+        deterministic (`bool`, KL only): a plain autoencoder: the decoder sees the posterior's mean, no sampling and
+            no KL term.
+    """
+
+    presets: ClassVar[dict[str, dict]] = MODEL_PRESETS
+
+    type: Literal["kl", "vqgan", "vqvae2"] = "kl"
+    init_from: str | None = None
+    in_channels: int = 3
+    block_out_channels: list[int] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 256
+    mid_block_add_attention: bool = True
+    gradient_checkpointing: bool = False
+    deterministic: bool = False
+
+    def __post_init__(self):
+        self.block_out_channels = list(self.block_out_channels)
+        for c in self.block_out_channels:
+            assert c % self.norm_num_groups == 0, (
+                f"model.block_out_channels entry {c} is not divisible by model.norm_num_groups={self.norm_num_groups}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)

@@ -1,0 +1,80 @@
+"""The KL-VAE: diffusers' `AutoencoderKL`, with the training forward that the losses need."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import Tensor, nn
+
+from ..outputs import AutoencoderOutput
+from .config import ModelConfig
+from .export import save_pretrained_atomic
+
+
+def build_autoencoder_kl(config: ModelConfig) -> AutoencoderKL:
+    """A diffusers `AutoencoderKL` from `config` (a preset's architecture), or loaded from `config.init_from`."""
+    if config.init_from is not None:
+        return AutoencoderKL.from_pretrained(config.init_from)
+    n = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=config.sample_size,
+        mid_block_add_attention=config.mid_block_add_attention,
+    )
+
+
+class KLAutoencoder(nn.Module):
+    """Training wrapper around a diffusers `AutoencoderKL`.
+
+    `forward` encodes, samples the posterior (its mean in deterministic mode or in eval mode) and decodes, and returns
+    the posterior so the loss can compute the KL term. The wrapped model is what gets exported: `export(path)` writes a
+    plain `AutoencoderKL` directory that `AutoencoderKL.from_pretrained` loads with no missing or unexpected keys.
+
+    Args:
+        vae (`AutoencoderKL`): the model being trained.
+        deterministic (`bool`, defaults to `False`): use the posterior's mean, return no posterior (no KL term).
+    """
+
+    def __init__(self, *, vae: AutoencoderKL, deterministic: bool = False):
+        super().__init__()
+        self.vae = vae
+        self.deterministic = deterministic
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> KLAutoencoder:
+        vae = build_autoencoder_kl(config)
+        if config.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        return cls(vae=vae, deterministic=config.deterministic)
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample() if self.training and not self.deterministic else posterior.mode()  # (B, C, h, w)
+        x_rec = self.vae.decode(z).sample  # (B, 3, H, W)
+        return AutoencoderOutput(sample=x_rec, posterior=None if self.deterministic else posterior)
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The decoder's output convolution weight: where the adaptive GAN weight compares gradient norms."""
+        return self.vae.decoder.conv_out.weight
+
+    @torch.no_grad()
+    def encode_latents(self, x: Tensor, *, sample: bool = False) -> Tensor:
+        """Unscaled latents `(B, C, h, w)`: the posterior's mean, or a sample of it."""
+        posterior = self.vae.encode(x).latent_dist
+        return posterior.sample() if sample else posterior.mode()
+
+    def set_latent_statistics(self, *, scaling_factor: float, shift_factor: float | None = None) -> None:
+        """Record the latent scale (and shift) in the exported config, as diffusers pipelines read them."""
+        self.vae.register_to_config(scaling_factor=float(scaling_factor), shift_factor=shift_factor)
+
+    def export(self, path) -> None:
+        """Write a diffusers `AutoencoderKL` directory at `path` (atomically)."""
+        save_pretrained_atomic(self.vae, path)

@@ -1,0 +1,366 @@
+"""The autoencoder training loop shared by `train/vae.py` and `train/vq.py`, under HF Accelerate.
+
+One loop for every family: the model's forward returns an `AutoencoderOutput` (KL posterior or quantizer outputs) and
+`AutoencoderLoss` turns it into the generator loss; a PatchGAN discriminator is trained by its own optimizer once
+`loss.disc_start` is reached. Both models are prepared by Accelerate and every forward that trains them runs through the
+prepared (DDP-wrapped) models inside `accelerator.accumulate(model, disc)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
+from .config import save_config, write_text_atomic
+from .data import DataConfig, build_dataset, collate
+from .ema import ModelEMA
+from .images import make_grid, save_image_atomic
+from .losses import LossConfig, build_discriminator, build_loss
+from .meters import ThroughputMeter, peak_memory_mib
+from .models import ModelConfig, build_model
+from .validation import calibrate_latent_scale, validate
+
+logger = logging.getLogger("ldtok.training")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and infrastructure of a training run.
+
+    Args:
+        max_steps (`int`): optimizer steps to train for (a step may accumulate several batches).
+        batch_size (`int`): images per process per forward.
+        gradient_accumulation_steps (`int`): batches accumulated into one optimizer step.
+        lr (`float`): autoencoder learning rate (peak, after warm-up).
+        disc_lr (`float`, *optional*): discriminator learning rate; defaults to `lr`.
+        adam_betas (`list[float]`): Adam's betas (LDM/taming use 0.5, 0.9).
+        weight_decay (`float`): AdamW weight decay.
+        warmup_steps (`int`): linear learning-rate warm-up from 0.
+        lr_schedule (`"constant"` or `"cosine"`): after warm-up (cosine decays to 10% of `lr` at `max_steps`).
+        max_grad_norm (`float`, *optional*): gradient clipping of each model; `None` disables it.
+        mixed_precision (`"no"`, `"fp16"` or `"bf16"`): Accelerate's autocast; quantizer distances stay fp32.
+        ema_decay (`float`, *optional*): keep an EMA of the model weights (e.g. 0.999); the final export uses it.
+        input_noise_std (`float`): denoising mode: add Gaussian noise of this std (in [-1, 1] units) to the input and
+            reconstruct the clean image. 0 disables it.
+        seed (`int`): seeds model init, data order and augmentation.
+        checkpoint_every (`int`): save a resumable checkpoint every this many steps (and at the end).
+        keep_checkpoints (`int`): keep only the newest this many checkpoints.
+        log_every (`int`): log loss terms every this many steps.
+        image_every (`int`): write a reconstruction grid PNG every this many steps (and at the end).
+        val_every (`int`): compute validation metrics every this many steps (and at the end); 0: only at the end.
+        val_images (`int`): validation images used for metrics.
+        grid_images (`int`): images in the reconstruction grid.
+        report_to (`"auto"`, `"tensorboard"` or `"none"`): Accelerate tracker; `auto` uses TensorBoard when installed.
+            Metrics are always also appended to `output_dir/metrics.jsonl`.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    disc_lr: float | None = None
+    adam_betas: list[float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float | None = None
+    input_noise_std: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    image_every: int = 500
+    val_every: int = 0
+    val_images: int = 64
+    grid_images: int = 8
+    report_to: Literal["auto", "tensorboard", "none"] = "auto"
+
+    def __post_init__(self):
+        self.adam_betas = list(self.adam_betas)
+        assert len(self.adam_betas) == 2, f"train.adam_betas needs 2 values, got {self.adam_betas}"
+        assert self.max_steps > 0, "train.max_steps must be positive"
+        assert self.checkpoint_every > 0, "train.checkpoint_every must be positive"
+        assert self.keep_checkpoints > 0, "train.keep_checkpoints must be positive"
+
+
+@dataclass
+class RunConfig:
+    """A training run: `output_dir`, `resume`, and the `data`, `val_data`, `model`, `loss` and `train` sections.
+
+    Args:
+        output_dir (`str`): where checkpoints, grids, logs and `final/` go.
+        resume (`str`, *optional*): `latest` (the newest checkpoint in `output_dir`, if any) or a checkpoint path.
+        val_data (`DataConfig`, *optional*): validation images; by default the embedded dataset's validation split
+            when training on it, else the training data with deterministic transforms.
+    """
+
+    output_dir: str = "runs/default"
+    resume: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    val_data: DataConfig | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def learning_rate(step: int, *, base: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 10%."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return base
+
+
+def weights_checksum(*models: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer: equal on every rank when data-parallel training is in sync."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _validation_config(config: RunConfig) -> DataConfig:
+    if config.val_data is not None:
+        return config.val_data
+    if config.data.source == "default":
+        return replace(config.data, split="validation")
+    return config.data
+
+
+def _load_images(data: DataConfig, n: int) -> torch.Tensor:
+    """The first `n` decodable images of `data`, deterministic transforms: `(n, 3, R, R)`."""
+    dataset = build_dataset(replace(data, streaming=data.streaming), train=False)
+    images = []
+    for sample in dataset:
+        if "pixel_values" in sample:
+            images.append(sample["pixel_values"])
+        if len(images) == n:
+            break
+    assert images, "the validation data has no decodable image"
+    return torch.stack(images)
+
+
+def train(config: RunConfig) -> dict:
+    """Train the autoencoder described by `config`; returns the run summary (also written to `summary.json`)."""
+    tc = config.train
+    out = Path(config.output_dir)
+    report_to = tc.report_to
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            report_to = "tensorboard"
+        except ImportError:
+            report_to = "none"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        mixed_precision=tc.mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved ..." lines drown ours
+    set_seed(tc.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    if report_to != "none":
+        accelerator.init_trackers("ldtok", config={"output_dir": str(out)})
+
+    # Build: models, loss, optimizers, data.
+    model = build_model(config.model)
+    disc = build_discriminator(config.loss)
+    loss_fn = build_loss(config.loss).to(accelerator.device)
+    betas = tuple(tc.adam_betas)
+    opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    dataset = build_dataset(config.data, train=True)
+    iterable = isinstance(dataset, IterableDataset)
+    loader = DataLoader(
+        dataset, batch_size=tc.batch_size, shuffle=not iterable, drop_last=not iterable, collate_fn=collate,
+        num_workers=config.data.num_workers,
+    )
+    val_images = _load_images(_validation_config(config), max(tc.val_images, tc.grid_images))
+    ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema_decay else None
+
+    model, disc, opt_g, opt_d, loader = accelerator.prepare(model, disc, opt_g, opt_d, loader)
+    if ema is not None:
+        ema.to(accelerator.device)
+    raw_model = accelerator.unwrap_model(model)
+    raw_disc = accelerator.unwrap_model(disc)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "skipped_files": 0}
+    resume_from = resolve_resume(config.resume, out)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state.update(read_trainer_state(resume_from))
+        if ema is not None:
+            ema.load_state_dict(load_file(resume_from / "ema.safetensors", device=str(accelerator.device)))
+        logger.info("resumed from %s at step %d", resume_from, state["step"])
+    elif config.resume == "latest":
+        logger.info("resume=latest: no checkpoint in %s yet, starting from step 0", out)
+
+    def export_model(path: Path) -> None:
+        (ema.model if ema is not None else raw_model).export(path)
+
+    def write_checkpoint_extra(path: Path) -> None:
+        export_model(path / "diffusers")
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, path / "ema.safetensors")
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, out, step=state["step"], trainer_state=state, write_extra=write_checkpoint_extra,
+                        keep=tc.keep_checkpoints)
+
+    def log(values: dict[str, float]) -> None:
+        accelerator.log(values, step=state["step"])
+        if accelerator.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state["step"], **values}) + "\n")
+
+    def evaluate(write_grid: bool, compute_metrics: bool) -> dict[str, float]:
+        if not accelerator.is_main_process:
+            return {}
+        eval_model = ema.model if ema is not None else raw_model
+        result = validate(eval_model, val_images[: tc.val_images], device=accelerator.device,
+                          autocast=accelerator.autocast) if compute_metrics else {}
+        if write_grid:
+            originals = val_images[: tc.grid_images].to(accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                was_training = eval_model.training
+                eval_model.eval()
+                recon = eval_model(originals).sample.float()
+                eval_model.train(was_training)
+            path = save_image_atomic(make_grid([originals, recon]), out / "images" / f"step_{state['step']:08d}.png")
+            result["grid"] = str(path)
+        return result
+
+    progress = tqdm(total=tc.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
+                    desc="train", unit="step", dynamic_ncols=True)
+    meter = ThroughputMeter()
+    model.train()
+    disc.train()
+    last_val: dict[str, float] = {}
+    while state["step"] < tc.max_steps:
+        loader.set_epoch(state["epoch"])
+        batches = accelerator.skip_first_batches(loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else loader
+        for batch in batches:
+            state["batch_in_epoch"] += 1
+            state["skipped_files"] += len(batch["skipped"])
+            for name in batch["skipped"]:
+                logger.warning("skipped an undecodable image: %s", name)
+            x = batch["pixel_values"]
+            if accelerator.num_processes > 1:
+                # Every rank must take part in every step (DDP all-reduces): skip a batch only if some rank has none.
+                smallest = accelerator.reduce(torch.tensor([x.shape[0]], device=accelerator.device), "min")
+                if int(smallest) == 0:
+                    continue
+            elif x.shape[0] == 0:
+                continue
+            step = state["step"]
+            for opt, base in ((opt_g, tc.lr), (opt_d, tc.disc_lr or tc.lr)):
+                lr = learning_rate(step, base=base, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps,
+                                   schedule=tc.lr_schedule)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            x_in = x + tc.input_noise_std * torch.randn_like(x) if tc.input_noise_std > 0 else x
+            meter.start()
+            with accelerator.accumulate(model, disc):
+                output = model(x_in)  # through the prepared model: DDP syncs gradients in its forward/backward
+                g_loss, terms = loss_fn.generator_loss(
+                    x, output.sample, discriminator=raw_disc, last_layer=raw_model.last_layer, step=step,
+                    posterior=output.posterior, quant=output.quant,
+                )
+                accelerator.backward(g_loss)
+                if accelerator.sync_gradients and tc.max_grad_norm is not None:
+                    terms["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                if loss_fn.disc_active(step):
+                    d_loss, d_terms = loss_fn.discriminator_loss(x, output.sample, discriminator=disc, step=step)
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients and tc.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(disc.parameters(), tc.max_grad_norm)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    terms.update(d_terms)
+            meter.stop(x.shape[0] * accelerator.num_processes)
+            state["images_seen"] += x.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            state["step"] += 1
+            if ema is not None:
+                ema.update(raw_model)
+            progress.update(1)
+            if state["step"] % tc.log_every == 0 or state["step"] == tc.max_steps:
+                values = {k: float(v) for k, v in terms.items()}
+                values.update(lr=opt_g.param_groups[0]["lr"], images_per_s=meter.rate(),
+                              skipped_files=state["skipped_files"])
+                if hasattr(raw_model, "codebook_metrics"):
+                    values.update(raw_model.codebook_metrics())
+                log(values)
+                progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{meter.rate():.1f}")
+            done = state["step"] >= tc.max_steps
+            want_grid = state["step"] % tc.image_every == 0 or done
+            want_val = (tc.val_every > 0 and state["step"] % tc.val_every == 0) or done
+            if want_grid or want_val:
+                last_val = evaluate(want_grid, want_val)
+                if want_val:
+                    log({f"val/{k}": v for k, v in last_val.items() if isinstance(v, float)})
+            if state["step"] % tc.checkpoint_every == 0 or done:
+                checkpoint()
+            if done:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    progress.close()
+
+    # Final export: a plain diffusers directory, with latent statistics measured on the validation images.
+    accelerator.wait_for_everyone()
+    checksums = accelerator.gather_for_metrics([weights_checksum(raw_model, raw_disc)], use_gather_object=True)
+    summary = {
+        "steps": state["step"],
+        "images_seen": state["images_seen"],
+        "skipped_files": state["skipped_files"],
+        "images_per_s": meter.rate(),
+        "peak_memory_mib": peak_memory_mib(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "rank_checksums": checksums,
+        "validation": last_val,
+    }
+    if accelerator.is_main_process:
+        final_model = ema.model if ema is not None else raw_model
+        stats = calibrate_latent_scale(final_model, val_images[: tc.val_images], device=accelerator.device)
+        if stats:
+            summary["latent_statistics"] = stats
+        export_model(out / "final")
+        summary["final"] = str(out / "final")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+__all__ = ["RunConfig", "TrainConfig", "learning_rate", "list_checkpoints", "train", "weights_checksum"]
