@@ -1,0 +1,69 @@
+"""Small collectives for the quantizers: no-ops when `torch.distributed` is not initialized.
+
+Every helper here is a *collective* when a process group exists: all ranks must call it, in the same order, with
+tensors of the same shape (except where a helper says otherwise). The quantizer only calls them in training mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialized (and there is anyone to talk to)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum `tensor` in place over all ranks and return it. Every rank ends with the same bits."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_sizes(n: int, *, device: torch.device) -> list[int]:
+    """Gather one integer (e.g. this rank's number of rows) from every rank, in rank order.
+
+    Args:
+        n (`int`): this rank's value; may differ between ranks.
+        device (`torch.device`): device of the exchange tensor (CUDA under NCCL, CPU under gloo).
+
+    Returns:
+        `list[int]` of length `world_size`, identical on every rank.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [n]
+    local = torch.tensor([n], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [int(t.item()) for t in gathered]
+
+
+def gather_rows(local: Tensor, global_indices: Tensor, sizes: list[int]) -> Tensor:
+    """Fetch rows of the rank-ordered concatenation of every rank's `local` without gathering all of it.
+
+    Each rank writes the rows it owns into a zero tensor and the result is summed over ranks; adding zeros is exact,
+    so every rank gets bit-identical copies of the selected rows. Communication is `(M, D)`, not `(sum(sizes), D)`.
+
+    Args:
+        local (`Tensor` of shape `(N_rank, D)`): this rank's rows; `N_rank` may differ between ranks.
+        global_indices (`Tensor` of shape `(M,)`, int64): indices into the concatenation `cat([local_0, local_1, ...])`;
+            must be identical on every rank.
+        sizes (`list[int]`): every rank's `N_rank`, from `all_gather_sizes`.
+
+    Returns:
+        `Tensor` of shape `(M, D)`, dtype and device of `local`, identical on every rank.
+    """
+    rank = dist.get_rank() if is_distributed() else 0
+    offset = sum(sizes[:rank])
+    global_indices = global_indices.to(local.device)
+    mine = (global_indices >= offset) & (global_indices < offset + local.shape[0])
+    out = local.new_zeros(global_indices.shape[0], local.shape[1])
+    out[mine] = local[global_indices[mine] - offset]
+    return all_reduce_sum_(out)
