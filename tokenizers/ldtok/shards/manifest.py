@@ -1,0 +1,416 @@
+"""On-disk layout of a latent-shard directory: names, atomic writes, per-rank parts, `index.json` and `verify`.
+
+A directory written by `ShardWriter` holds
+
+- `shard-r{rank:02d}-{k:05d}.safetensors`: the shards (see `writer.py` for what is inside);
+- `part-r{rank:02d}.json`: each rank's part manifest, rewritten atomically after every shard and on `close()`;
+- `index.json`: the merged manifest, written once by `write_manifest` after every rank has closed.
+
+Every file is written to `.{name}.tmp-{pid}` in the same directory, fsynced and `os.replace`d, so a final name
+always holds a complete file; a crash leaves at most temp files behind, which the next writer of that rank removes and
+`verify` reports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors import safe_open
+
+from .stats import ChannelStats
+
+FORMAT_VERSION = "1"
+INDEX_NAME = "index.json"
+SHARD_RE = re.compile(r"^shard-r(\d{2,})-(\d{5,})\.safetensors$")
+PART_RE = re.compile(r"^part-r(\d{2,})\.json$")
+TEMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+
+# safetensors dtype codes -> torch dtype names used in "fields"
+SAFETENSORS_DTYPES = {
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "I64": "int64",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ names and writes
+def shard_name(rank: int, index: int) -> str:
+    return f"shard-r{rank:02d}-{index:05d}.safetensors"
+
+
+def part_name(rank: int) -> str:
+    return f"part-r{rank:02d}.json"
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name `path` is written under before being renamed into place."""
+    return path.parent / f".{path.name}.tmp-{os.getpid()}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a fsynced temp file and `os.replace`: `path` is either absent/old or complete."""
+    path = Path(path)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # fsync the directory so the rename itself survives a power cut (a kill -9 cannot undo it anyway)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def sha256_file(path: Path, *, chunk_bytes: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_temp_files(out_dir: Path, prefix: str) -> list[str]:
+    """Delete temp files `.{prefix}*.tmp-{pid}` (a dead run's leftovers); returns the removed names."""
+    removed = []
+    for p in Path(out_dir).iterdir():
+        if TEMP_RE.match(p.name) and p.name.startswith("." + prefix):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def list_shard_files(out_dir: Path) -> dict[tuple[int, int], str]:
+    """All final shard files of a directory, keyed by `(rank, index)`."""
+    found = {}
+    for p in Path(out_dir).iterdir():
+        m = SHARD_RE.match(p.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = p.name
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ shard headers
+@dataclass
+class ShardHeader:
+    """The parsed header of a safetensors shard (no tensor data is read).
+
+    Args:
+        metadata (`dict[str, str]`): the `__metadata__` text map.
+        tensors (`dict[str, dict]`): per tensor `{"dtype": torch dtype name, "shape": list[int]}`.
+    """
+
+    metadata: dict[str, str]
+    tensors: dict[str, dict]
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse a safetensors header and check that every tensor's byte range lies inside the file.
+
+    Raises:
+        `ValueError` if the header is malformed or the file is truncated.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"header length {n} exceeds the file size {size}")
+        header = json.loads(f.read(n))
+    data_bytes = size - 8 - n
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data_bytes:
+            raise ValueError(f"tensor {name!r} data [{begin}, {end}) outside the {data_bytes} data bytes")
+        tensors[name] = {"dtype": SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]), "shape": list(info["shape"])}
+    return ShardHeader(metadata=metadata, tensors=tensors)
+
+
+@dataclass
+class ShardRecord:
+    """One completed shard, as listed in part manifests (and, without `stats`, in `index.json`).
+
+    Args:
+        file (`str`): file name inside the shard directory.
+        rank (`int`), index (`int`): the writing rank and the shard's number `k` within that rank.
+        num_samples (`int`): rows stored.
+        num_skipped (`int`): items of the rank's sequence this shard covers but could not encode (ids in metadata
+            `"skipped"`); `num_samples + num_skipped` items of the rank's sequence are covered.
+        sha256 (`str`): hex digest of the file bytes.
+        num_bytes (`int`): file size.
+        ids_first (`str`, *optional*), ids_last (`str`, *optional*): first and last sample id (`None` if empty).
+        stats (`dict`, *optional*): `ChannelStats.state_dict()` of this shard's posterior (KL only).
+    """
+
+    file: str
+    rank: int
+    index: int
+    num_samples: int
+    num_skipped: int
+    sha256: str
+    num_bytes: int
+    ids_first: str | None
+    ids_last: str | None
+    stats: dict | None = None
+
+    @property
+    def num_items(self) -> int:
+        return self.num_samples + self.num_skipped
+
+    def to_json(self, *, with_stats: bool = True) -> dict:
+        d = asdict(self)
+        if not with_stats:
+            d.pop("stats")
+        return d
+
+    @classmethod
+    def from_shard_file(cls, path: Path) -> ShardRecord:
+        """Rebuild the record of a complete shard from its own header and bytes (crash recovery)."""
+        path = Path(path)
+        meta = read_shard_header(path).metadata
+        ids = json.loads(meta["ids"])
+        return cls(
+            file=path.name,
+            rank=int(meta["rank"]),
+            index=int(meta["shard_index"]),
+            num_samples=len(ids),
+            num_skipped=len(json.loads(meta.get("skipped", "[]"))),
+            sha256=sha256_file(path),
+            num_bytes=os.path.getsize(path),
+            ids_first=ids[0] if ids else None,
+            ids_last=ids[-1] if ids else None,
+            stats=json.loads(meta["stats"]) if "stats" in meta else None,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ parts
+def read_part(out_dir: Path, rank: int) -> dict | None:
+    path = Path(out_dir) / part_name(rank)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_part(out_dir: Path, part: dict) -> None:
+    atomic_write_json(Path(out_dir) / part_name(part["rank"]), part)
+
+
+# ------------------------------------------------------------------------------------------------ index.json
+def write_manifest(
+    out_dir: str | os.PathLike, *, model: dict, stats: dict | None = None, extra: dict | None = None
+) -> dict:
+    """Merge every rank's part manifest into `index.json` (atomically). Call once, on one process, after all ranks
+    have called `ShardWriter.close()` (e.g. after `accelerator.wait_for_everyone()`, on the main process).
+
+    Args:
+        out_dir (`str` or `PathLike`): the shard directory.
+        model (`dict`): model information, e.g. `{"path": ..., "config_sha256": ..., "class": ...}`; its
+            `config_sha256`, if given, must equal the shards' `model_config_sha256` metadata.
+        stats (`dict`, *optional*): latent statistics, e.g. `ChannelStats.result()`. If `None` and the shards are KL,
+            the per-shard posterior statistics recorded by the writer are merged (see `stats.py`); VQ kinds get none.
+        extra (`dict`, *optional*): anything else JSON-able to record (dataset name, split, command line, ...).
+
+    Returns:
+        The manifest `dict` that was written.
+
+    Raises:
+        `RuntimeError` if a rank's part is missing or not closed, or parts disagree.
+    """
+    out_dir = Path(out_dir)
+    remove_temp_files(out_dir, INDEX_NAME)
+    parts = {}
+    for p in out_dir.iterdir():
+        m = PART_RE.match(p.name)
+        if m:
+            parts[int(m.group(1))] = json.loads(p.read_text())
+    if not parts:
+        raise RuntimeError(f"no part manifests in {out_dir}: did any ShardWriter close()?")
+    world_size = parts[min(parts)]["world_size"]
+    missing = [r for r in range(world_size) if r not in parts]
+    unfinished = [r for r, part in sorted(parts.items()) if not part["finished"]]
+    if missing or unfinished or max(parts) >= world_size:
+        raise RuntimeError(
+            f"cannot merge {out_dir}: world_size {world_size}, missing parts of ranks {missing}, "
+            f"ranks not closed {unfinished}, ranks present {sorted(parts)}"
+        )
+    first = parts[0]
+    fields = None
+    for r, part in sorted(parts.items()):
+        for key in ("kind", "world_size", "samples_per_shard", "metadata", "codebook_size"):
+            if part[key] != first[key]:
+                raise RuntimeError(f"part of rank {r} has {key}={part[key]!r}, rank 0 has {first[key]!r}")
+        if part["fields"] is not None:  # a rank that stored no sample has no fields
+            if fields is not None and part["fields"] != fields:
+                raise RuntimeError(f"part of rank {r} has fields {part['fields']}, another rank {fields}")
+            fields = part["fields"]
+    metadata = first["metadata"]
+    declared = model.get("config_sha256"), metadata.get("model_config_sha256")
+    if None not in declared and declared[0] != declared[1]:
+        raise RuntimeError(f"model config_sha256 {declared[0]} != shards' model_config_sha256 {declared[1]}")
+    records = [ShardRecord(**s) for r in sorted(parts) for s in parts[r]["shards"]]
+    if stats is None and first["kind"] == "kl":
+        merged = None
+        for rec in records:
+            if rec.stats is not None and rec.stats["count"] > 0:
+                s = ChannelStats.from_state_dict(rec.stats)
+                merged = s if merged is None else merged.merge(s)
+        if merged is not None and merged.count > 1:
+            stats = merged.result() | {"source": "posterior (expected moments of mean + std * eps, per-shard merge)"}
+    manifest = {
+        "ldtok_format": FORMAT_VERSION,
+        "kind": first["kind"],
+        "fields": fields,
+        "captions": any(bool(part["captions"]) for part in parts.values()),
+        "codebook_size": first["codebook_size"],
+        "metadata": metadata,
+        "samples_per_shard": first["samples_per_shard"],
+        "world_size": world_size,
+        "totals": {
+            "num_samples": sum(r.num_samples for r in records),
+            "num_skipped": sum(r.num_skipped for r in records),
+            "num_shards": len(records),
+            "num_bytes": sum(r.num_bytes for r in records),
+        },
+        "shards": [r.to_json(with_stats=False) for r in records],
+        "model": model,
+        "stats": stats,
+        "extra": extra or {},
+        "created": {
+            "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "safetensors": safetensors.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    atomic_write_json(out_dir / INDEX_NAME, manifest)
+    return manifest
+
+
+def load_manifest(out_dir: str | os.PathLike) -> dict:
+    """Read `index.json` of a shard directory (keys as written by `write_manifest`)."""
+    path = Path(out_dir) / INDEX_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run write_manifest after all ranks closed their writers")
+    manifest = json.loads(path.read_text())
+    if manifest.get("ldtok_format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported ldtok_format {manifest.get('ldtok_format')!r}")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ verify
+@dataclass
+class VerifyReport:
+    """Result of `verify`.
+
+    Args:
+        ok (`bool`): no problem found.
+        problems (`list[str]`): one line per problem (duplicate ids are capped at 20 lines plus a count).
+        num_samples (`int`): samples in the shards that could be read.
+        num_shards (`int`): shards listed in `index.json`.
+        num_bytes (`int`): bytes of the listed shards found on disk.
+    """
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    num_samples: int = 0
+    num_shards: int = 0
+    num_bytes: int = 0
+
+
+def _check_shard(path: Path, rec: dict, manifest: dict) -> tuple[list[str], list[str]]:
+    """Problems of one listed shard and its sample ids (empty if unreadable)."""
+    name, problems = rec["file"], []
+    if os.path.getsize(path) != rec["num_bytes"]:
+        problems.append(f"{name}: {os.path.getsize(path)} bytes, index says {rec['num_bytes']}")
+    if sha256_file(path) != rec["sha256"]:
+        problems.append(f"{name}: sha256 mismatch (corrupted or rewritten)")
+    try:
+        header = read_shard_header(path)
+        with safe_open(str(path), framework="pt") as f:  # the reader's own parser must accept it too
+            f.metadata()
+        ids = json.loads(header.metadata["ids"])
+    except Exception as e:  # noqa: BLE001 - any parse failure is a reported problem, not a crash
+        return problems + [f"{name}: unreadable header ({type(e).__name__}: {e})"], []
+    meta = header.metadata
+    if meta.get("ldtok_format") != FORMAT_VERSION or meta.get("kind") != manifest["kind"]:
+        problems.append(f"{name}: format {meta.get('ldtok_format')!r} / kind {meta.get('kind')!r} do not match index")
+    if len(ids) != rec["num_samples"]:
+        problems.append(f"{name}: {len(ids)} ids, index says {rec['num_samples']} samples")
+    if ids and (ids[0] != rec["ids_first"] or ids[-1] != rec["ids_last"]):
+        problems.append(f"{name}: first/last id differ from index")
+    expected = manifest["fields"] or {}
+    if rec["num_samples"] > 0 and set(header.tensors) != set(expected):
+        problems.append(f"{name}: tensors {sorted(header.tensors)}, index fields {sorted(expected)}")
+    for key, info in header.tensors.items():
+        if info["shape"][:1] != [rec["num_samples"]]:
+            problems.append(f"{name}: {key} has shape {info['shape']}, expected {rec['num_samples']} rows")
+        if key in expected and (info["dtype"], info["shape"][1:]) != (expected[key]["dtype"], expected[key]["shape"]):
+            problems.append(f"{name}: {key} is {info['dtype']}{info['shape'][1:]}, index says {expected[key]}")
+    return problems, ids
+
+
+def verify(out_dir: str | os.PathLike) -> VerifyReport:
+    """Check a shard directory end to end (reads every byte once to hash it; holds all sample ids in memory).
+
+    Checks: `index.json` parses; every listed shard exists with the listed size and sha256, its header parses
+    (ours and safetensors' parser), its ids, tensor names, dtypes and row counts agree with the index; totals add up;
+    no sample id occurs twice across the whole set; no temp files are left; no shard file is unlisted.
+    """
+    out_dir = Path(out_dir)
+    report = VerifyReport(ok=False)
+    try:
+        manifest = load_manifest(out_dir)
+    except Exception as e:  # noqa: BLE001
+        report.problems.append(f"index.json: {type(e).__name__}: {e}")
+        return report
+    shards = manifest["shards"]
+    report.num_shards = len(shards)
+    seen: dict[str, str] = {}
+    duplicates = []
+    for rec in shards:
+        path = out_dir / rec["file"]
+        if not path.is_file():
+            report.problems.append(f"{rec['file']}: listed in index.json but missing")
+            continue
+        report.num_bytes += os.path.getsize(path)
+        problems, ids = _check_shard(path, rec, manifest)
+        report.problems += problems
+        report.num_samples += len(ids)
+        for sample_id in ids:
+            if sample_id in seen:
+                duplicates.append(f"duplicate sample id {sample_id!r} in {seen[sample_id]} and {rec['file']}")
+            else:
+                seen[sample_id] = rec["file"]
+    report.problems += duplicates[:20] + (
+        [f"... {len(duplicates) - 20} more duplicate ids"] if len(duplicates) > 20 else []
+    )
+    totals = manifest["totals"]
+    if totals["num_shards"] != len(shards) or totals["num_samples"] != sum(s["num_samples"] for s in shards):
+        report.problems.append(f"totals {totals} do not add up over the {len(shards)} listed shards")
+    listed = {s["file"] for s in shards}
+    for p in sorted(out_dir.iterdir()):
+        if TEMP_RE.match(p.name):
+            report.problems.append(f"{p.name}: leftover temp file (a crashed writer?)")
+        elif SHARD_RE.match(p.name) and p.name not in listed:
+            report.problems.append(f"{p.name}: shard file not listed in index.json")
+    report.ok = not report.problems
+    return report

@@ -1,0 +1,503 @@
+"""`ShardWriter`: buffer encoded latents on CPU and write them as resumable safetensors shards.
+
+Shard contents (one safetensors file of N samples, rows in the order they were added):
+
+| kind     | tensors (row = sample)                                                              |
+|----------|-------------------------------------------------------------------------------------|
+| `kl`     | `mean`, `logvar`: `(N, C, h, w)` in the stored float dtype (float16 / bfloat16 / float32) |
+| `vq`     | `indices`: `(N, h, w)` in `index_dtype_for(codebook_size)`                          |
+| `vqvae2` | `indices_top`: `(N, h_t, w_t)`, `indices_bottom`: `(N, h_b, w_b)`, same integer dtype |
+
+plus, optionally, `label` `(N,)` int64, and flip variants: when the encoder also stores the latents of the horizontally
+flipped image, every latent field has a twin suffixed `_flip` (`mean_flip`, `logvar_flip`, `indices_flip`, ...),
+all or none. Sample ids and captions are *not* tensors: they live in the safetensors metadata as JSON lists (`"ids"`,
+`"captions"`), which the header parser returns without touching tensor data (keep ids + captions of one shard well
+under safetensors' 100 MB header limit). Metadata (str -> str) also holds: `ldtok_format` ("1"), `kind`, `dtype`
+(stored dtype of the latent fields), `fields` (JSON: per tensor dtype, per-sample shape, description), `skipped`
+(JSON list of ids of items that could not be encoded), `rank`, `world_size`, `shard_index`, `samples_per_shard`,
+`num_items`, `codebook_size` (VQ), `stats` (KL: `ChannelStats.state_dict()` of this shard's posterior), and every
+key of the caller's `metadata` (`model_config_sha256`, `resolution`, `transforms`, ...).
+
+Work split and resumability (the protocol the encoder follows):
+
+1. Rank `r` of `W` encodes the dataset items `r, r + W, r + 2W, ...` in that order (`ShardWriter.items_for_rank`).
+   Shard `k` of rank `r` covers positions `[k * S, (k + 1) * S)` of that sequence (`S = samples_per_shard`),
+   counting items that could not be decoded, which are passed as `skipped` and recorded by id, so shard boundaries
+   never depend on which images failed. Every shard but a rank's last one covers exactly `S` items.
+2. On (re)start, construct the writer: it removes this rank's stale temp files, finds its complete shards and sets
+   `writer.items_done` (a multiple of `S`, or the full sequence if the rank had finished); the encoder resumes with
+   `ShardWriter.items_for_rank(len(dataset), rank=r, world_size=W, start=writer.items_done)`.
+3. Batches must not straddle a shard boundary while they contain skipped items (their positions are unknown); make
+   `S` a multiple of the batch size and the encoder's batches never straddle.
+4. `close()` when the rank's sequence is exhausted; then, once every rank has closed, `write_manifest` on one process.
+
+Why this survives `kill -9` at any point: a shard's final name appears only through `os.replace` of a complete,
+fsynced temp file, and the shard itself carries everything needed to rebuild its part-manifest record (ids, skipped
+ids, item count, stats; the sha256 is recomputed from the file). The part manifest is a cache updated after each shard;
+a shard that made it to disk but not into the part (killed in between) is recovered from its header. Completed shards
+always form a prefix `0..n-1` of the rank's shard sequence, because shards are written in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from .manifest import (
+    FORMAT_VERSION,
+    ShardRecord,
+    atomic_write_bytes,
+    list_shard_files,
+    part_name,
+    read_part,
+    read_shard_header,
+    remove_temp_files,
+    shard_name,
+    write_part,
+)
+from .stats import ChannelStats
+
+Kind = Literal["kl", "vq", "vqvae2"]
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "kl": ("mean", "logvar"),
+    "vq": ("indices",),
+    "vqvae2": ("indices_top", "indices_bottom"),
+}
+FIELD_DESCRIPTIONS = {
+    "mean": "posterior mean (C, h, w)",
+    "logvar": "posterior log-variance (C, h, w)",
+    "indices": "codebook indices (h, w)",
+    "indices_top": "top-level codebook indices (h_t, w_t)",
+    "indices_bottom": "bottom-level codebook indices (h_b, w_b)",
+    "label": "class label, int64 scalar",
+}
+KL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# metadata keys the writer owns; the caller's metadata may not use them
+WRITER_KEYS = frozenset(
+    {"ldtok_format", "kind", "dtype", "fields", "ids", "captions", "skipped", "rank", "world_size", "shard_index",
+     "samples_per_shard", "num_items", "codebook_size", "stats"}
+)  # fmt: skip
+
+
+def index_dtype_for(codebook_size: int) -> torch.dtype:
+    """Smallest safetensors integer dtype that holds the indices `0 .. codebook_size - 1`.
+
+    uint8 up to 256 codes, int16 up to 32768, int32 beyond. uint16 is avoided although recent safetensors/torch store
+    it: torch gained uint16 only in 2.3 and most CPU ops (indexing, embedding) still reject it, so readers would have to
+    convert before every use; int16 costs nothing below 32768 codes.
+    """
+    assert codebook_size >= 1, f"codebook_size must be positive, got {codebook_size}"
+    if codebook_size <= 256:
+        return torch.uint8
+    if codebook_size <= 32768:
+        return torch.int16
+    assert codebook_size <= 2**31, f"codebook_size {codebook_size} does not fit int32 indices"
+    return torch.int32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class ResumeState:
+    """What a rank has already written, as found on disk by `ShardWriter.completed`.
+
+    Args:
+        rank (`int`): the rank.
+        shards (`list[ShardRecord]`): complete shards, in order `0..n-1`.
+        num_items (`int`): items of the rank's sequence covered by them (samples + skipped); resume from here.
+        num_samples (`int`): samples stored in them.
+        finished (`bool`): the rank closed (its sequence was exhausted); nothing is left to add.
+        recovered (`list[str]`): shard files found on disk but missing from the part manifest (rebuilt from headers).
+        config (`dict`, *optional*): `kind`, `world_size`, `samples_per_shard`, `metadata`, `codebook_size`,
+            `fields` and `captions` of the run that wrote them (`None` if nothing was written).
+    """
+
+    rank: int
+    shards: list[ShardRecord]
+    num_items: int
+    num_samples: int
+    finished: bool
+    recovered: list[str]
+    config: dict | None
+
+
+class ShardWriter:
+    """Write one rank's encoded samples into shards of `samples_per_shard` items; resumable after a crash.
+
+    Args:
+        out_dir (`str` or `PathLike`): shard directory (created if needed), shared by all ranks.
+        kind (`"kl"`, `"vq"` or `"vqvae2"`): which fields `add` takes (see the module docstring).
+        samples_per_shard (`int`): items per shard `S` (counting skipped items); a multiple of the encoder's batch size.
+        metadata (`dict[str, str]`): run-wide text metadata stored in every shard, e.g. `model_config_sha256`,
+            `resolution`, `transforms` (JSON). Keys in `WRITER_KEYS` are the writer's, except `dtype`, which is
+            accepted if it names the dtype of the stored latent fields. Must be identical when resuming.
+        rank (`int`, defaults to 0), world_size (`int`, defaults to 1): this process's place in the encoder's split.
+        codebook_size (`int`, *optional*): number of codes (VQ kinds, required; the larger level's for VQ-VAE-2);
+            picks the stored index dtype and is range-checked.
+        resume (`bool`, defaults to `True`): continue after this rank's complete shards; if `False`, raise
+            `FileExistsError` when any exist.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        kind: Kind,
+        samples_per_shard: int,
+        metadata: dict[str, str],
+        rank: int = 0,
+        world_size: int = 1,
+        codebook_size: int | None = None,
+        resume: bool = True,
+    ):
+        assert kind in KIND_FIELDS, f"kind must be one of {sorted(KIND_FIELDS)}, got {kind!r}"
+        assert samples_per_shard >= 1, f"samples_per_shard must be positive, got {samples_per_shard}"
+        assert 0 <= rank < world_size, f"rank {rank} outside world_size {world_size}"
+        if kind != "kl" and codebook_size is None:
+            raise ValueError(f"kind={kind!r} needs codebook_size to choose the index dtype")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"metadata must map str to str (safetensors); {key!r} -> {type(value).__name__}")
+        clashes = sorted(set(metadata) & (WRITER_KEYS - {"dtype"}))
+        if clashes:
+            raise ValueError(f"metadata keys {clashes} are written by ShardWriter itself")
+        self.out_dir = Path(out_dir)
+        self.kind = kind
+        self.samples_per_shard = samples_per_shard
+        self.rank, self.world_size = rank, world_size
+        self.codebook_size = codebook_size if kind != "kl" else None
+        self._index_dtype = index_dtype_for(codebook_size) if kind != "kl" else None
+        self._requested_dtype = metadata.get("dtype")
+        self.metadata = {k: v for k, v in metadata.items() if k != "dtype"}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        # a previous run of this rank is dead (we are its replacement): its temp files are garbage
+        self.removed_temp_files = remove_temp_files(self.out_dir, f"shard-r{rank:02d}-") + remove_temp_files(
+            self.out_dir, part_name(rank)
+        )
+        state = self.completed(self.out_dir, rank)
+        if state.shards and not resume:
+            raise FileExistsError(f"{self.out_dir} already holds {len(state.shards)} shards of rank {rank}")
+        if state.config is not None:
+            mine = self._config()
+            for key in ("kind", "world_size", "samples_per_shard", "metadata", "codebook_size"):
+                if state.config[key] != mine[key]:
+                    raise ValueError(
+                        f"cannot resume rank {rank} in {self.out_dir}: existing shards have {key}="
+                        f"{state.config[key]!r}, this writer {mine[key]!r}"
+                    )
+        self._records: list[ShardRecord] = list(state.shards)
+        # per-tensor dtype/shape/description and whether captions are stored: fixed by the first non-empty batch
+        self._fields: dict | None = state.config["fields"] if state.config else None
+        self._has_captions: bool | None = state.config["captions"] if state.config else None
+        self.items_done = state.num_items  # items of this rank's sequence in complete shards
+        self.finished = state.finished
+        self.resume_state = state
+        self._closed = False
+        self._reset_buffer()
+        if state.recovered:
+            self._write_part(finished=self.finished)
+
+    # ------------------------------------------------------------------------------------------------ resume API
+    @staticmethod
+    def items_for_rank(dataset_len: int, *, rank: int, world_size: int, start: int = 0) -> range:
+        """Dataset indices rank `rank` encodes, from position `start` of its sequence (`writer.items_done`)."""
+        return range(rank + start * world_size, dataset_len, world_size)
+
+    @staticmethod
+    def completed(out_dir: str | os.PathLike, rank: int) -> ResumeState:
+        """Find the complete shards of `rank` in `out_dir` (read-only; the constructor does the cleanup).
+
+        Shards listed in the part manifest whose file has the listed size are taken from it; shard files on disk
+        but not in the part (a kill between the rename and the part update) are rebuilt from their headers and
+        hashed. Raises `RuntimeError` if the complete shards are not a prefix `0..n-1`, a listed shard is missing,
+        or a shard short of `samples_per_shard` items is not the last one: states no crash can produce.
+        """
+        out_dir = Path(out_dir)
+        part = read_part(out_dir, rank) if out_dir.exists() else None
+        on_disk = (
+            sorted((k, name) for (r, k), name in list_shard_files(out_dir).items() if r == rank)
+            if out_dir.exists()
+            else []
+        )
+        listed = {s["file"]: ShardRecord(**s) for s in (part["shards"] if part else [])}
+        on_disk_names = {name for _, name in on_disk}
+        lost = sorted(set(listed) - on_disk_names)
+        if lost:
+            raise RuntimeError(f"{out_dir}: shards {lost} are in {part_name(rank)} but missing on disk")
+        if [k for k, _ in on_disk] != list(range(len(on_disk))):
+            raise RuntimeError(f"{out_dir}: shards of rank {rank} are not contiguous: {[n for _, n in on_disk]}")
+        records, recovered, config = [], [], None
+        if part is not None:
+            config = {key: part[key] for key in ("kind", "world_size", "samples_per_shard", "metadata", "fields")}
+            config["codebook_size"] = part["codebook_size"]
+            config["captions"] = part["captions"]
+        for _, name in on_disk:
+            rec = listed.get(name)
+            if rec is None or rec.num_bytes != os.path.getsize(out_dir / name):
+                rec = ShardRecord.from_shard_file(out_dir / name)
+                recovered.append(name)
+                meta = read_shard_header(out_dir / name).metadata
+                if config is not None and config["fields"] is None and meta["fields"] != "{}":
+                    # the part predates the first shard with samples
+                    config.update(fields=json.loads(meta["fields"]), captions="captions" in meta)
+                if config is None:
+                    config = {
+                        "kind": meta["kind"],
+                        "world_size": int(meta["world_size"]),
+                        "samples_per_shard": int(meta["samples_per_shard"]),
+                        "metadata": {k: v for k, v in meta.items() if k not in WRITER_KEYS},
+                        "fields": json.loads(meta["fields"]) or None,  # {} when the shard holds only skipped items
+                        "captions": "captions" in meta if meta["fields"] != "{}" else None,
+                        "codebook_size": int(meta["codebook_size"]) if "codebook_size" in meta else None,
+                    }
+            records.append(rec)
+        S = config["samples_per_shard"] if config else 0
+        short = [r.file for r in records[:-1] if r.num_items != S]
+        if short:
+            raise RuntimeError(f"{out_dir}: shards {short} hold fewer than {S} items but are not rank {rank}'s last")
+        finished = bool(part and part["finished"]) or bool(records and records[-1].num_items < S)
+        return ResumeState(
+            rank=rank,
+            shards=records,
+            num_items=sum(r.num_items for r in records),
+            num_samples=sum(r.num_samples for r in records),
+            finished=finished,
+            recovered=recovered,
+            config=config,
+        )
+
+    @staticmethod
+    def completed_ids(out_dir: str | os.PathLike, rank: int) -> list[str]:
+        """Sample ids stored in `rank`'s complete shards, in order (reads each shard header)."""
+        state = ShardWriter.completed(out_dir, rank)
+        ids: list[str] = []
+        for rec in state.shards:
+            ids += json.loads(read_shard_header(Path(out_dir) / rec.file).metadata["ids"])
+        return ids
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def _config(self) -> dict:
+        return {
+            "kind": self.kind,
+            "world_size": self.world_size,
+            "samples_per_shard": self.samples_per_shard,
+            "metadata": self.metadata,
+            "codebook_size": self.codebook_size,
+        }
+
+    def _reset_buffer(self) -> None:
+        self._buffer: dict[str, list[Tensor]] = {}
+        self._ids: list[str] = []
+        self._captions: list[str] = []
+        self._skipped: list[str] = []
+
+    @property
+    def _buffered_items(self) -> int:
+        return len(self._ids) + len(self._skipped)
+
+    def _check_fields(self, batch: dict[str, Tensor], B: int, has_captions: bool) -> None:
+        required = KIND_FIELDS[self.kind]
+        flip = [f"{name}_flip" for name in required]
+        allowed = set(required) | set(flip) | {"label"}
+        unknown = sorted(set(batch) - allowed)
+        if unknown:
+            raise ValueError(f"kind={self.kind!r} shards take fields {sorted(allowed)}; got unknown {unknown}")
+        missing = [name for name in required if name not in batch]
+        if missing or (any(f in batch for f in flip) and not all(f in batch for f in flip)):
+            raise ValueError(f"kind={self.kind!r} needs all of {list(required)} (and all or none of {flip})")
+        fields = {}
+        for name, t in batch.items():
+            if t.shape[0] != B:
+                raise ValueError(f"field {name!r} has {t.shape[0]} rows for {B} ids")
+            base = name.removesuffix("_flip")
+            if name == "label":
+                if t.ndim != 1 or t.dtype.is_floating_point:
+                    raise ValueError(f"label must be a (B,) integer tensor, got {t.dtype} {tuple(t.shape)}")
+                dtype = torch.int64
+            elif self.kind == "kl":
+                if t.ndim != 4 or t.dtype not in KL_DTYPES:
+                    raise ValueError(
+                        f"{name!r} must be (B, C, h, w) in one of {KL_DTYPES}, got {t.dtype} {tuple(t.shape)}"
+                    )
+                dtype = t.dtype
+            else:
+                if t.ndim != 3 or t.dtype.is_floating_point:
+                    raise ValueError(f"{name!r} must be a (B, h, w) integer tensor, got {t.dtype} {tuple(t.shape)}")
+                dtype = self._index_dtype
+            description = FIELD_DESCRIPTIONS[base] + (", horizontally flipped image" if name.endswith("_flip") else "")
+            fields[name] = {"dtype": _dtype_name(dtype), "shape": list(t.shape[1:]), "description": description}
+        if self.kind == "kl" and len({fields[n]["dtype"] for n in fields if n != "label"}) != 1:
+            raise ValueError(f"all KL fields must share one dtype, got {fields}")
+        if self._fields is None:
+            stored = fields[required[0]]["dtype"]
+            if self._requested_dtype is not None and self._requested_dtype != stored:
+                raise ValueError(
+                    f"metadata dtype={self._requested_dtype!r} but the {required[0]!r} tensors are {stored}"
+                )
+            self._fields, self._has_captions = fields, has_captions
+        elif self._fields != fields:
+            raise ValueError(f"batch fields {fields} differ from this run's {self._fields}")
+        elif self._has_captions != has_captions:
+            raise ValueError("give captions for every batch or for none")
+
+    @torch.no_grad()
+    def add(
+        self,
+        batch: dict[str, Tensor],
+        ids: Sequence[str],
+        captions: Sequence[str] | None = None,
+        *,
+        skipped: Sequence[str] = (),
+    ) -> None:
+        """Buffer a batch (copied to CPU); writes a shard each time `samples_per_shard` items are buffered.
+
+        Args:
+            batch (`dict[str, Tensor]`): the kind's fields with `B` rows (any device; see the module docstring).
+                KL fields are stored in their dtype; VQ indices (any integer dtype) are range-checked and stored in
+                `index_dtype_for(codebook_size)`.
+            ids (`Sequence[str]`): the `B` sample ids, in row order.
+            captions (`Sequence[str]`, *optional*): `B` captions; give them for every batch or for none.
+            skipped (`Sequence[str]`, defaults to `()`): ids of items of this batch's span of the rank's sequence that
+                could not be encoded (`collate`'s `"skipped"`). They count toward the shard's items; a batch with
+                skipped items must fit in the current shard.
+        """
+        if self._closed or self.finished:
+            raise RuntimeError(f"rank {self.rank} writer is {'closed' if self._closed else 'finished'}; nothing to add")
+        ids, skipped = [str(i) for i in ids], [str(i) for i in skipped]
+        B = len(ids)
+        if captions is not None and len(captions) != B:
+            raise ValueError(f"{len(captions)} captions for {B} ids")
+        if skipped and self._buffered_items + B + len(skipped) > self.samples_per_shard:
+            raise ValueError(
+                f"a batch with skipped items straddles a shard boundary ({self._buffered_items} buffered + {B} + "
+                f"{len(skipped)} skipped > {self.samples_per_shard}); make samples_per_shard a multiple of the batch size"
+            )
+        self._skipped += skipped
+        if B == 0:
+            if self._buffered_items == self.samples_per_shard:
+                self._flush()
+            return
+        self._check_fields(batch, B, captions is not None)
+        cpu = {}
+        for name, t in batch.items():
+            t = t.detach().to("cpu")
+            if name == "label":
+                t = t.to(torch.int64)
+            elif self.kind != "kl":
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= self.codebook_size:
+                    raise ValueError(
+                        f"{name!r} has indices in [{lo}, {hi}], outside codebook_size {self.codebook_size}"
+                    )
+                t = t.to(self._index_dtype)
+            cpu[name] = t
+        start = 0
+        while start < B:
+            take = min(self.samples_per_shard - self._buffered_items, B - start)
+            for name, t in cpu.items():
+                self._buffer.setdefault(name, []).append(t[start : start + take])
+            self._ids += ids[start : start + take]
+            if captions is not None:
+                self._captions += [str(c) for c in captions[start : start + take]]
+            start += take
+            if self._buffered_items == self.samples_per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        tensors = {name: torch.cat(parts).contiguous() for name, parts in self._buffer.items()}
+        index = len(self._records)
+        num_items = self._buffered_items
+        metadata = dict(self.metadata)
+        metadata.update(
+            ldtok_format=FORMAT_VERSION,
+            kind=self.kind,
+            fields=json.dumps(self._fields or {}),
+            ids=json.dumps(self._ids),
+            skipped=json.dumps(self._skipped),
+            rank=str(self.rank),
+            world_size=str(self.world_size),
+            shard_index=str(index),
+            samples_per_shard=str(self.samples_per_shard),
+            num_items=str(num_items),
+        )
+        if self._fields:
+            metadata["dtype"] = self._fields[KIND_FIELDS[self.kind][0]]["dtype"]
+        if self._has_captions:
+            metadata["captions"] = json.dumps(self._captions)
+        if self.codebook_size is not None:
+            metadata["codebook_size"] = str(self.codebook_size)
+        stats = None
+        if self.kind == "kl" and self._ids:
+            channel_stats = ChannelStats(num_channels=tensors["mean"].shape[1])
+            channel_stats.update_gaussian(tensors["mean"], tensors["logvar"])  # non-flip latents only
+            stats = channel_stats.state_dict()
+            metadata["stats"] = json.dumps(stats)
+        data = safetensors_save(tensors, metadata=metadata)
+        name = shard_name(self.rank, index)
+        atomic_write_bytes(self.out_dir / name, data)
+        self._records.append(
+            ShardRecord(
+                file=name,
+                rank=self.rank,
+                index=index,
+                num_samples=len(self._ids),
+                num_skipped=len(self._skipped),
+                sha256=hashlib.sha256(data).hexdigest(),
+                num_bytes=len(data),
+                ids_first=self._ids[0] if self._ids else None,
+                ids_last=self._ids[-1] if self._ids else None,
+                stats=stats,
+            )
+        )
+        self.items_done += num_items
+        self._reset_buffer()
+        self._write_part(finished=False)
+
+    def _write_part(self, *, finished: bool) -> None:
+        part = self._config()
+        part.update(
+            fields=self._fields,
+            captions=self._has_captions,
+            ldtok_format=FORMAT_VERSION,
+            rank=self.rank,
+            finished=finished,
+            shards=[r.to_json() for r in self._records],
+        )
+        write_part(self.out_dir, part)
+
+    def close(self) -> None:
+        """Write the remaining buffered items as the rank's last (short) shard and mark the rank finished."""
+        if self._closed:
+            return
+        if self._buffered_items > 0:
+            self._flush()
+        self._write_part(finished=True)
+        self.finished = True
+        self._closed = True
+
+    @property
+    def records(self) -> list[ShardRecord]:
+        """Complete shards of this rank so far (including those found when resuming)."""
+        return list(self._records)
+
+    def __enter__(self) -> ShardWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # never write a partial buffer as a complete shard: a rerun redoes those items
+            self._reset_buffer()
+            self._closed = True
