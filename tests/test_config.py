@@ -75,3 +75,10 @@ def test_import_tokenizers_is_hugging_faces():
     location, module = result.stdout.split()
     assert location != "None" and not Path(location).resolve().is_relative_to(ROOT.resolve() / "tokenizers")
     assert module.startswith("tokenizers")
+
+
+def test_preset_sections_merge_key_by_key():
+    config = load_config(RunConfig, None, ["model.preset=vq-f16-16k", "model.quantizer.codebook_size=4096"])
+    assert config.model.type == "vqgan"
+    assert config.model.quantizer.codebook_size == 4096  # the override
+    assert config.model.quantizer.codebook_dim == 8 and config.model.quantizer.l2_normalize  # kept from the preset

@@ -26,13 +26,23 @@ pytestmark = pytest.mark.slow
 
 def launch(*overrides, processes: int = 1, script: str = "train/vae.py", config: str = "configs/demo-kl.yaml",
            check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*ACCELERATE, "--num_processes", str(processes), str(ROOT / script), "--config", str(ROOT / config),
-           *TINY, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `--cpu --num_processes 2` alone starts one process; `--multi_gpu` with ACCELERATE_USE_CPU starts gloo ranks.
+    multi = ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else []
+    cmd = [*ACCELERATE, *multi, "--num_processes", str(processes), str(ROOT / script), "--config",
+           str(ROOT / config), *TINY, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def steps_logged(run: Path) -> list[int]:

@@ -90,7 +90,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         name = data.pop("preset")
         if name not in presets:
             raise ConfigError(f"{prefix}preset: unknown preset {name!r} (known: {', '.join(sorted(presets))})")
-        data = {**presets[name], **data}
+        data = _deep_merge(presets[name], data)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -149,6 +149,17 @@ def describe(cls: type, prefix: str = "") -> str:
         )
         lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}")
     return "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`; nested mappings are merged key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -195,7 +195,8 @@ def train(config: RunConfig) -> dict:
     betas = tuple(tc.adam_betas)
     opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay)
-    dataset = build_dataset(config.data, train=True)
+    with accelerator.main_process_first():  # the embedded dataset is built once, by the main process
+        dataset = build_dataset(config.data, train=True)
     iterable = isinstance(dataset, IterableDataset)
     loader = DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=not iterable, drop_last=not iterable, collate_fn=collate,
@@ -217,6 +218,8 @@ def train(config: RunConfig) -> dict:
         state.update(read_trainer_state(resume_from))
         if ema is not None:
             ema.load_state_dict(load_file(resume_from / "ema.safetensors", device=str(accelerator.device)))
+        if (resume_from / "loss.safetensors").is_file():  # LeCAM's running means
+            loss_fn.load_state_dict(load_file(resume_from / "loss.safetensors", device=str(accelerator.device)))
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     elif config.resume == "latest":
         logger.info("resume=latest: no checkpoint in %s yet, starting from step 0", out)
@@ -228,6 +231,8 @@ def train(config: RunConfig) -> dict:
         export_model(path / "diffusers")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, path / "ema.safetensors")
+        if loss_fn.state_dict():
+            save_file({k: v.contiguous().cpu() for k, v in loss_fn.state_dict().items()}, path / "loss.safetensors")
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, out, step=state["step"], trainer_state=state, write_extra=write_checkpoint_extra,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+
+from ..quantizers import QuantizerConfig
 
 # Architecture presets (DiT's `DiT_models`, LlamaGen's `VQ_models`): a name -> the `model.*` keys it sets.
 # A YAML config selects one with `model.preset: NAME`; keys given next to it override the preset's.
@@ -21,6 +23,32 @@ MODEL_PRESETS: dict[str, dict] = {
     "demo-kl": dict(
         type="kl", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
         sample_size=64, mid_block_add_attention=False,
+    ),
+    # LDM vq-f8: f8, 16384 codes of dimension 4.
+    "vq-f8-16k": dict(
+        type="vqgan", block_out_channels=[128, 128, 256, 512], layers_per_block=2, latent_channels=4,
+        sample_size=256, quantizer=dict(codebook_size=16384, codebook_dim=4),
+    ),
+    # LlamaGen VQ-16: f16, 16384 l2-normalized codes of dimension 8.
+    "vq-f16-16k": dict(
+        type="vqgan", block_out_channels=[128, 128, 256, 256, 512], layers_per_block=2, latent_channels=256,
+        sample_size=256, quantizer=dict(codebook_size=16384, codebook_dim=8, l2_normalize=True),
+    ),
+    # VQ-VAE-2 (Razavi et al. 2019) at 256 px: bottom f4 and top f8 levels, 512 codes of dimension 64 each.
+    "vqvae2-256": dict(
+        type="vqvae2", block_out_channels=[128, 128, 256], layers_per_block=2, latent_channels=64,
+        sample_size=256, quantizer=dict(codebook_size=512, codebook_dim=64),
+    ),
+    # Tiny f4 VQGAN / VQ-VAE-2 for CPU demos and tests.
+    "demo-vq": dict(
+        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=64, mid_block_add_attention=False,
+        quantizer=dict(codebook_size=256, codebook_dim=4, dead_code_steps=20, usage_window=50),
+    ),
+    "demo-vqvae2": dict(
+        type="vqvae2", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=16, norm_num_groups=16,
+        sample_size=64, mid_block_add_attention=False,
+        quantizer=dict(codebook_size=128, codebook_dim=16, dead_code_steps=20, usage_window=50),
     ),
 }
 
@@ -44,6 +72,8 @@ class ModelConfig:
         gradient_checkpointing (`bool`): recompute activations in the backward pass to save memory.
         deterministic (`bool`, KL only): a plain autoencoder: the decoder sees the posterior's mean, no sampling and
             no KL term.
+        quantizer (`QuantizerConfig`, VQ only): the codebook (size, dimension, EMA, k-means init, dead-code restart);
+            for VQ-VAE-2 each level gets a codebook of this kind.
     """
 
     presets: ClassVar[dict[str, dict]] = MODEL_PRESETS
@@ -59,6 +89,7 @@ class ModelConfig:
     mid_block_add_attention: bool = True
     gradient_checkpointing: bool = False
     deterministic: bool = False
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self):
         self.block_out_channels = list(self.block_out_channels)

@@ -6,9 +6,11 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
 from ..outputs import AutoencoderOutput
 from .config import ModelConfig
-from .export import save_pretrained_atomic
+from .export import config_sha256, save_pretrained_atomic
 
 
 def build_autoencoder_kl(config: ModelConfig) -> AutoencoderKL:
@@ -42,6 +44,8 @@ class KLAutoencoder(nn.Module):
         deterministic (`bool`, defaults to `False`): use the posterior's mean, return no posterior (no KL term).
     """
 
+    kind = "kl"
+
     def __init__(self, *, vae: AutoencoderKL, deterministic: bool = False):
         super().__init__()
         self.vae = vae
@@ -66,10 +70,23 @@ class KLAutoencoder(nn.Module):
         return self.vae.decoder.conv_out.weight
 
     @torch.no_grad()
+    def encode_posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
+        """The posterior `q(z | x)`: `.mean`, `.logvar`, `.std` of shape `(B, C, h, w)` (unscaled latent space)."""
+        return self.vae.encode(x).latent_dist
+
+    @torch.no_grad()
     def encode_latents(self, x: Tensor, *, sample: bool = False) -> Tensor:
         """Unscaled latents `(B, C, h, w)`: the posterior's mean, or a sample of it."""
-        posterior = self.vae.encode(x).latent_dist
+        posterior = self.encode_posterior(x)
         return posterior.sample() if sample else posterior.mode()
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Images `(B, 3, H, W)` from unscaled latents `(B, C, h, w)`."""
+        return self.vae.decode(z).sample
+
+    def config_sha256(self) -> str:
+        return config_sha256(self.vae.config)
 
     def set_latent_statistics(self, *, scaling_factor: float, shift_factor: float | None = None) -> None:
         """Record the latent scale (and shift) in the exported config, as diffusers pipelines read them."""

@@ -1,0 +1,289 @@
+"""VQGAN: diffusers' `VQModel` layout with ldtok's `VectorQuantizer`, exported as a plain diffusers `VQModel`.
+
+The trainable model holds a diffusers `VQModel` (encoder -> `quant_conv` -> quantizer -> `post_quant_conv` -> decoder)
+whose `quantize` is replaced by our EMA / k-means / dead-code-restart `VectorQuantizer`, so every other parameter keeps
+diffusers' key names. `export(path)` writes a fresh `VQModel` directory: our weights, and our codebook table
+(`VectorQuantizer.export_codebook()`, normalized for l2-normalized codes) as `quantize.embedding.weight`; the EMA and
+training buffers are dropped (`accelerate.save_state` keeps them for resuming).
+
+Tokens in and out of the exported diffusers model (the recipe users keep asking for):
+
+```python
+from diffusers import VQModel
+
+vq = VQModel.from_pretrained("run/final")          # exported with `lookup_from_codebook=True`
+B, h, w = indices.shape                            # (B, h, w) int64, e.g. from `VQGAN.encode_to_indices`
+images = vq.decode(indices, force_not_quantize=True, shape=(B, h, w, vq.config.vq_embed_dim)).sample
+
+# any VQModel, whatever its `lookup_from_codebook`: look the codes up, then decode them (re-quantizing a code
+# gives the code itself)
+codes = vq.quantize.get_codebook_entry(indices, (B, h, w, vq.config.vq_embed_dim))   # (B, D, h, w)
+images = vq.decode(codes).sample
+```
+
+`lookup_from_codebook=True` only changes `decode(..., force_not_quantize=True)`, which then reads its input as indices
+(as in aMUSEd); `vq(images)` and `decode(latents)` still quantize as usual. (A pipeline that passes continuous
+latents with `force_not_quantize=True`, like Kandinsky's MoVQ, needs `vq.register_to_config(lookup_from_codebook=False)`
+after loading.) Indices out of diffusers: diffusers'
+quantizer also takes the nearest code (squared euclidean), so for a model trained with `l2_normalize=False`
+`indices_from_diffusers_vqmodel(vq, images)` gives ldtok's indices. Diffusers' quantizer does **not** normalize its
+input: for `l2_normalize=True` models pass `l2_normalize=True` to that helper (it normalizes the latents first), or take
+the indices from ldtok.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from torch import Tensor, nn
+
+from ..outputs import AutoencoderOutput
+from ..quantizers import QuantizerConfig, VectorQuantizer
+from .config import ModelConfig
+from .export import config_sha256, save_pretrained_atomic
+
+# What diffusers' VQModel config cannot say about our codes (l2 normalization), next to config.json.
+LDTOK_SIDECAR = "ldtok.json"
+
+# QuantizerConfig fields that change the quantizer's state layout or the meaning of its codes: a checkpoint must agree.
+STRUCTURAL_QUANTIZER_FIELDS = ("codebook_size", "codebook_dim", "l2_normalize", "ema")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute the activations of every diffusers block that supports it (`Encoder` / `Decoder` down, mid and up
+    blocks) in the backward pass. `VQModel` does not declare `_supports_gradient_checkpointing`, so its
+    `enable_gradient_checkpointing()` refuses; its `Encoder` and `Decoder` do support it."""
+
+    def checkpoint(module: nn.Module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    found = False
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = checkpoint
+            found = True
+    assert found, f"{type(model).__name__} has no block that supports gradient checkpointing"
+
+
+@contextlib.contextmanager
+def quantizers_eval(*quantizers: VectorQuantizer) -> Iterator[None]:
+    """Put quantizers in eval mode for the block (no EMA update, no k-means, no restart, no collective), then restore
+    their mode. Only the quantizers change mode: the diffusers blocks behave the same in both."""
+    modes = [q.training for q in quantizers]
+    try:
+        for q in quantizers:
+            q.eval()
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes):
+            q.train(mode)
+
+
+def quantizer_metrics(quantizer: VectorQuantizer, suffix: str = "") -> dict[str, float]:
+    """Training-log metrics of one codebook: windowed usage in percent, codes restarted by the latest training step
+    and in total."""
+    return {
+        f"codebook_usage_window_pct{suffix}": 100.0 * float(quantizer.window_usage()),
+        f"codebook_restarts{suffix}": float(quantizer.last_restarts),
+        f"codebook_restarts_total{suffix}": float(quantizer.num_restarts),
+    }
+
+
+def check_quantizer_matches(quantizer: QuantizerConfig, checkpoint: dict, *, source: str, key: str) -> None:
+    """Raise a `ValueError` naming `model.<key>.<field>` when a structural field differs from the checkpoint's."""
+    for name in STRUCTURAL_QUANTIZER_FIELDS:
+        if name in checkpoint and getattr(quantizer, name) != checkpoint[name]:
+            raise ValueError(
+                f"model.{key}.{name}={getattr(quantizer, name)!r} does not match {source} ({name}={checkpoint[name]!r})"
+            )
+
+
+@torch.no_grad()
+def load_codebook_(quantizer: VectorQuantizer, table: Tensor) -> None:
+    """Start `quantizer` from a `(K, D)` code table: the EMA statistics agree with it (`embed_sum = table`,
+    `cluster_size = 1`) and it is marked initialized, so k-means does not overwrite it."""
+    K, D = quantizer.codebook_size, quantizer.codebook_dim
+    assert table.shape == (K, D), f"codebook of shape {tuple(table.shape)}, the quantizer expects {(K, D)}"
+    table = table.to(quantizer.embedding.device, torch.float32)
+    quantizer.embedding.copy_(table)
+    if quantizer.ema:
+        quantizer.embed_sum.copy_(table)
+        quantizer.cluster_size.fill_(1.0)
+    quantizer.initialized.fill_(1)
+    quantizer.steps_unused.zero_()
+
+
+def build_vqmodel(config: ModelConfig, quantizer: QuantizerConfig) -> VQModel:
+    """A fresh diffusers `VQModel` with `config`'s architecture and `quantizer`'s codebook shape."""
+    n = len(config.block_out_channels)
+    return VQModel(
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=config.sample_size,
+        mid_block_add_attention=config.mid_block_add_attention,
+        num_vq_embeddings=quantizer.codebook_size,
+        vq_embed_dim=quantizer.codebook_dim,
+        lookup_from_codebook=True,
+    )
+
+
+@torch.no_grad()
+def indices_from_diffusers_vqmodel(vqmodel: VQModel, images: Tensor, *, l2_normalize: bool = False) -> Tensor:
+    """Code indices of `images` computed by a diffusers `VQModel` alone (its encoder and its own quantizer).
+
+    Args:
+        vqmodel (`VQModel`): e.g. an ldtok export loaded with `VQModel.from_pretrained`.
+        images (`Tensor` of shape `(B, 3, H, W)`): in [-1, 1].
+        l2_normalize (`bool`, defaults to `False`): normalize the latents before the nearest-code search; required
+            for models trained with `l2_normalize=True` (diffusers' quantizer does not normalize).
+
+    Returns:
+        `Tensor` of shape `(B, h, w)`, int64.
+    """
+    z = vqmodel.encode(images).latents  # (B, D, h, w)
+    B, _, h, w = z.shape
+    if l2_normalize:
+        z = F.normalize(z, dim=1)
+    _, _, (_, _, indices) = vqmodel.quantize(z)
+    return indices.reshape(B, h, w)
+
+
+class VQGAN(nn.Module):
+    """Trainable VQGAN (`model.type: vqgan`): a diffusers `VQModel` whose `quantize` is a `VectorQuantizer`.
+
+    Args:
+        vqmodel (`VQModel`): encoder, `quant_conv`, `post_quant_conv` and decoder; its `quantize` is replaced.
+        quantizer (`VectorQuantizer`): the quantizer, with `codebook_dim == vqmodel.config.vq_embed_dim`.
+    """
+
+    kind = "vq"
+    level_names: ClassVar[list[str]] = ["code"]
+
+    def __init__(self, *, vqmodel: VQModel, quantizer: VectorQuantizer):
+        super().__init__()
+        cfg = vqmodel.config
+        embed_dim = cfg.vq_embed_dim if cfg.vq_embed_dim is not None else cfg.latent_channels
+        assert quantizer.codebook_dim == embed_dim, (
+            f"quantizer codebook_dim {quantizer.codebook_dim} != the VQModel's vq_embed_dim {embed_dim}"
+        )
+        vqmodel.quantize = quantizer  # one registration: the state dict has no duplicate keys
+        self.vqmodel = vqmodel
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, quantizer: QuantizerConfig | None = None) -> VQGAN:
+        """Build from the `model` section; `quantizer` defaults to `config.quantizer`.
+
+        With `config.init_from` the diffusers `VQModel` directory defines the architecture and the codebook, which
+        is copied into the quantizer (marked initialized, so k-means does not overwrite it).
+        """
+        quantizer = quantizer if quantizer is not None else config.quantizer
+        if config.init_from is None:
+            vqmodel = build_vqmodel(config, quantizer)
+            vq = VectorQuantizer.from_config(quantizer)
+        else:
+            vqmodel = VQModel.from_pretrained(config.init_from)
+            table = vqmodel.quantize.embedding.weight.detach().float()  # (K, D)
+            K, D = table.shape
+            check_quantizer_matches(quantizer, {"codebook_size": K, "codebook_dim": D},
+                                    source=f"the codebook of model.init_from={config.init_from!r}", key="quantizer")
+            if vqmodel.config.vq_embed_dim is None:  # written explicitly from now on (the decode recipe reads it)
+                vqmodel.register_to_config(vq_embed_dim=D)
+            vq = VectorQuantizer.from_config(quantizer)
+            load_codebook_(vq, table)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(vqmodel)
+        return cls(vqmodel=vqmodel, quantizer=vq)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def quantizer(self) -> VectorQuantizer:
+        return self.vqmodel.quantize
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.quantizer.codebook_size]
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The decoder's output convolution weight: where the adaptive GAN weight compares gradient norms."""
+        return self.vqmodel.decoder.conv_out.weight
+
+    def codebook_metrics(self) -> dict[str, float]:
+        return quantizer_metrics(self.quantizer)
+
+    # ------------------------------------------------------------------ forward
+
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """Continuous latents before quantization, `(B, D, H/f, W/f)` (encoder and `quant_conv`)."""
+        return self.vqmodel.quant_conv(self.vqmodel.encoder(x))
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Images `(B, 3, H, W)` from quantized codes `(B, D, h, w)` (`post_quant_conv` and decoder)."""
+        # contiguous NCHW: the quantizer's rearranged output has channels-last strides, and convolutions pick a
+        # different kernel for those, so decoding would differ (~1e-6) between ldtok, its indices and diffusers
+        codes = codes.contiguous()
+        latents = self.vqmodel.post_quant_conv(codes)  # (B, latent_channels, h, w)
+        spatial = codes if self.vqmodel.config.norm_type == "spatial" else None  # MoVQ-style checkpoints
+        return self.vqmodel.decoder(latents, spatial)
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        f = 2 ** (len(self.vqmodel.config.block_out_channels) - 1)
+        H, W = x.shape[-2:]
+        assert H % f == 0 and W % f == 0, f"image size {H}x{W} not divisible by the downsampling factor {f}"
+        quant = self.quantizer(self.encode_latents(x))  # quantized: (B, D, H/f, W/f)
+        return AutoencoderOutput(sample=self.decode_codes(quant.quantized), posterior=None, quant=quant)
+
+    @torch.no_grad()
+    def encode_to_indices(self, images: Tensor) -> Tensor:
+        """Code indices `(B, H/f, W/f)` int64 of `images` `(B, 3, H, W)`; eval semantics (no codebook update)."""
+        with quantizers_eval(self.quantizer):
+            return self.quantizer(self.encode_latents(images)).indices
+
+    @torch.no_grad()
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Images `(B, 3, H, W)` of code indices `(B, h, w)`; equal to `forward(x).sample` in eval mode."""
+        return self.decode_codes(self.quantizer.codes_from_indices(indices))
+
+    # ------------------------------------------------------------------ export
+
+    def to_diffusers(self) -> VQModel:
+        """A plain diffusers `VQModel` (CPU, fp32) with our weights and `export_codebook()` as its embedding."""
+        config = {**self.vqmodel.config, "vq_embed_dim": self.quantizer.codebook_dim, "lookup_from_codebook": True}
+        exported = VQModel.from_config(config)
+        state = {k: v for k, v in self.vqmodel.state_dict().items() if not k.startswith("quantize.")}
+        state["quantize.embedding.weight"] = self.quantizer.export_codebook()
+        exported.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, strict=True)
+        return exported
+
+    def export(self, path) -> None:
+        """Write a diffusers `VQModel` directory at `path` (atomically); quantizer training buffers are dropped."""
+        sidecar = {"family": "vqgan", "l2_normalize": self.quantizer.l2_normalize}
+        save_pretrained_atomic(self.to_diffusers(), path, extra_files={LDTOK_SIDECAR: json.dumps(sidecar, indent=2)})
+
+    def config_sha256(self) -> str:
+        return config_sha256(self.vqmodel.config)
+
+
+__all__ = [
+    "VQGAN",
+    "build_vqmodel",
+    "enable_gradient_checkpointing",
+    "indices_from_diffusers_vqmodel",
+    "load_codebook_",
+    "quantizer_metrics",
+    "quantizers_eval",
+]
