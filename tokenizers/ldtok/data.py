@@ -16,6 +16,7 @@ global RNG, which Accelerate checkpoints and restores, so a resumed run sees the
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -160,8 +161,9 @@ def decode_image(value: Any, *, min_side: int | None = None) -> Image.Image:
 class ImageTransform:
     """Resize the shorter side to `resolution` (bicubic, antialiased), crop a square, maybe flip, scale to [-1, 1].
 
-    Random crop offsets and flips come from torch's global RNG (reproducible under `torch.manual_seed` and restored by
-    Accelerate's `load_state`).
+    Random crop offsets and flips come from the `generator` the dataset passes in, seeded from (seed, epoch, sample
+    index): augmentation then depends on neither worker scheduling nor the data loader's prefetching, so a resumed
+    run sees exactly the crops an uninterrupted run would have seen.
 
     Args:
         resolution (`int`): output side `R`.
@@ -175,15 +177,19 @@ class ImageTransform:
         self.random_crop = random_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Map an RGB PIL image to a `(3, R, R)` float tensor in [-1, 1]."""
+    @property
+    def is_random(self) -> bool:
+        return self.random_crop or self.random_flip
+
+    def __call__(self, image: Image.Image, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Map an RGB PIL image to a `(3, R, R)` float tensor in [-1, 1]; randomness drawn from `generator`."""
         R = self.resolution
         W, H = image.size
         scale = R / min(W, H)
         out_w, out_h = max(R, round(W * scale)), max(R, round(H * scale))  # size after resizing the shorter side
         if self.random_crop:
-            left = int(torch.randint(0, out_w - R + 1, ()))
-            top = int(torch.randint(0, out_h - R + 1, ()))
+            left = int(torch.randint(0, out_w - R + 1, (), generator=generator))
+            top = int(torch.randint(0, out_h - R + 1, (), generator=generator))
         else:
             left, top = (out_w - R) // 2, (out_h - R) // 2
         # Resample only the crop: `box` (in source pixels) gives the same pixels as resizing the whole image and then
@@ -192,7 +198,7 @@ class ImageTransform:
         box = (left / sx, top / sy, (left + R) / sx, (top + R) / sy)
         image = image.resize((R, R), Image.Resampling.BICUBIC, box=box)
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (R, R, 3) -> (3, R, R)
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         return x.float().div_(127.5).sub_(1.0)
 
@@ -238,7 +244,7 @@ class SampleProcessor:
             return f"{shard}/{row['__key__']}" if shard else str(row["__key__"])
         return row_id
 
-    def __call__(self, row: dict, *, row_id: str) -> dict:
+    def __call__(self, row: dict, *, row_id: str, generator: torch.Generator | None = None) -> dict:
         sample_id = self.sample_id(row, row_id)
         try:
             image = decode_image(row[self.image_column], min_side=self.transform.resolution)
@@ -250,7 +256,7 @@ class SampleProcessor:
                 raise ValueError(message) from err
             logger.warning("skipping %s", message)
             return {"skipped": sample_id, "error": message}
-        item = {"pixel_values": self.transform(image), "id": sample_id}
+        item = {"pixel_values": self.transform(image, generator=generator), "id": sample_id}
         if self.label_column is not None:
             label = row[self.label_column]
             if label is None:
@@ -261,22 +267,40 @@ class SampleProcessor:
         return item
 
 
-class ImageDataset(Dataset):
+class _EpochSeeded:
+    """Per-sample augmentation generators seeded from (seed, epoch, index); `set_epoch` before each epoch."""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _generator(self, *key: int) -> torch.Generator | None:
+        if not self.processor.transform.is_random:
+            return None
+        digest = hashlib.blake2b(repr((self.seed, self.epoch, *key)).encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class ImageDataset(_EpochSeeded, Dataset):
     """Map-style dataset over an HF `Dataset` whose image column is not decoded (row ids `"<split>/<row index>"`)."""
 
-    def __init__(self, *, hf_dataset, processor: SampleProcessor, split: str):
+    def __init__(self, *, hf_dataset, processor: SampleProcessor, split: str, seed: int = 0):
         self.hf_dataset = hf_dataset
         self.processor = processor
         self.split = split
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.hf_dataset)
 
     def __getitem__(self, index: int) -> dict:
-        return self.processor(self.hf_dataset[int(index)], row_id=f"{self.split}/{int(index)}")
+        index = int(index)
+        return self.processor(self.hf_dataset[index], row_id=f"{self.split}/{index}", generator=self._generator(index))
 
 
-class IterableImageDataset(IterableDataset):
+class IterableImageDataset(_EpochSeeded, IterableDataset):
     """Streaming dataset over an HF `IterableDataset` (HF gives each DataLoader worker its own shards).
 
     Row ids are `"<split>/<row index>"` in stream order. With several DataLoader workers a worker cannot know the
@@ -284,27 +308,32 @@ class IterableImageDataset(IterableDataset):
     unique and stable for a given worker count. Path- and key-based ids (folders, WebDataset) are unaffected.
     """
 
-    def __init__(self, *, hf_dataset, processor: SampleProcessor, split: str):
+    def __init__(self, *, hf_dataset, processor: SampleProcessor, split: str, seed: int = 0):
         self.hf_dataset = hf_dataset
         self.processor = processor
         self.split = split
+        self.seed = seed
 
     def __iter__(self):
         worker = get_worker_info()
         prefix = self.split
+        worker_id = 0
         if worker is not None and worker.num_workers > 1:
             prefix = f"{self.split}/worker{worker.id}of{worker.num_workers}"
+            worker_id = worker.id
         for index, row in enumerate(self.hf_dataset):
-            yield self.processor(row, row_id=f"{prefix}/{index}")
+            yield self.processor(row, row_id=f"{prefix}/{index}", generator=self._generator(worker_id, index))
 
 
-def build_dataset(config: DataConfig, *, train: bool = True) -> ImageDataset | IterableImageDataset:
+def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> ImageDataset | IterableImageDataset:
     """Build the dataset that `config` describes.
 
     Args:
         config (`DataConfig`): the data settings.
         train (`bool`, defaults to `True`): training transforms (`config.crop`, `config.flip`); `False` gives the
             deterministic evaluation / encoding transform (center crop, no flip) whatever the config says.
+        seed (`int`, defaults to 0): seeds the random crops and flips, with the epoch (`dataset.set_epoch`) and the
+            sample index.
 
     Returns:
         A map-style `ImageDataset` (with `__len__`), or an `IterableImageDataset` when `config.streaming`. Items are
@@ -359,7 +388,7 @@ def build_dataset(config: DataConfig, *, train: bool = True) -> ImageDataset | I
         root=root,
     )
     wrapper = IterableImageDataset if config.streaming else ImageDataset
-    return wrapper(hf_dataset=ds, processor=processor, split=config.split)
+    return wrapper(hf_dataset=ds, processor=processor, split=config.split, seed=seed)
 
 
 def _shard_list(path: str | None) -> list[str]:

@@ -196,7 +196,7 @@ def train(config: RunConfig) -> dict:
     opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay)
     with accelerator.main_process_first():  # the embedded dataset is built once, by the main process
-        dataset = build_dataset(config.data, train=True)
+        dataset = build_dataset(config.data, train=True, seed=tc.seed)
     iterable = isinstance(dataset, IterableDataset)
     loader = DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=not iterable, drop_last=not iterable, collate_fn=collate,
@@ -268,7 +268,8 @@ def train(config: RunConfig) -> dict:
     disc.train()
     last_val: dict[str, float] = {}
     while state["step"] < tc.max_steps:
-        loader.set_epoch(state["epoch"])
+        loader.set_epoch(state["epoch"])  # the sampler's shuffle
+        dataset.set_epoch(state["epoch"])  # the augmentation (crops, flips): seeded per (seed, epoch, sample)
         batches = accelerator.skip_first_batches(loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else loader
         for batch in batches:
             state["batch_in_epoch"] += 1
