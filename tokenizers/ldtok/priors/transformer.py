@@ -1,0 +1,359 @@
+"""A small GPT over tokenizer codes (nanoGPT-style decoder-only transformer), and the layout of codes in a sequence.
+
+`CodeLayout` turns the code maps of a VQ tokenizer into one token sequence and back: VQGAN's `(h, w)` indices in raster
+order; VQ-VAE-2's top codes, then its bottom codes, each level with its own vocabulary offset (bottom token
+`top_codebook_size + i` is bottom code `i`), so one softmax covers both levels and a position can only be sampled from
+its own level's range (`CodeLayout.allowed_tokens`).
+
+`GPT` predicts the next token. Its input is a conditioning token (the class label, or a learned start token when
+unconditional) followed by the codes, so the logits at position `i` are the distribution of code `i` given the label and
+codes `0 .. i-1`: train with `model(codes[:, :-1], class_labels=y).logits` against `codes`. `GPT.generate` samples
+with a key/value cache (one token per step) and optional temperature and top-k.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from einops import rearrange
+from torch import Tensor, nn
+
+KIND_LEVELS: dict[str, tuple[str, ...]] = {"vq": ("indices",), "vqvae2": ("indices_top", "indices_bottom")}
+
+
+# ------------------------------------------------------------------------------------------------ code layout
+@dataclass
+class CodeLevel:
+    """One code map of a tokenizer, as laid out in the token sequence.
+
+    Args:
+        name (`str`): the shard field holding its indices (`"indices"`, `"indices_top"`, `"indices_bottom"`).
+        height (`int`), width (`int`): the code map's size.
+        codebook_size (`int`): codes of this level.
+        offset (`int`): vocabulary offset: token `offset + i` is code `i` of this level.
+    """
+
+    name: str
+    height: int
+    width: int
+    codebook_size: int
+    offset: int
+
+    @property
+    def length(self) -> int:
+        return self.height * self.width
+
+
+class CodeLayout:
+    """Code maps of one or more levels, concatenated in raster order into one token sequence.
+
+    Args:
+        levels (`list[CodeLevel]`): in sequence order, with non-overlapping vocabulary ranges.
+    """
+
+    def __init__(self, *, levels: list[CodeLevel]):
+        assert levels, "a layout needs at least one level"
+        self.levels = list(levels)
+        ranges = sorted((lv.offset, lv.offset + lv.codebook_size) for lv in self.levels)
+        for (_, end), (start, _) in itertools.pairwise(ranges):
+            assert end <= start, f"levels have overlapping vocabulary ranges: {ranges}"
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, *, codebook_sizes: list[int] | None = None) -> CodeLayout:
+        """The layout of a VQ shard directory's `index.json` (`kind` `"vq"` or `"vqvae2"`).
+
+        Args:
+            manifest (`dict`): as returned by `ldtok.shards.load_manifest`.
+            codebook_sizes (`list[int]`, *optional*): codes per level; defaults to the manifest's `codebook_size` for
+                every level (for VQ-VAE-2 that is the larger level's: the vocabulary then has unused tokens).
+        """
+        kind = manifest["kind"]
+        assert kind in KIND_LEVELS, f"a code layout needs VQ shards (kind 'vq' or 'vqvae2'), got kind={kind!r}"
+        names = KIND_LEVELS[kind]
+        sizes = list(codebook_sizes) if codebook_sizes is not None else [manifest["codebook_size"]] * len(names)
+        assert len(sizes) == len(names), f"{len(names)} levels need {len(names)} codebook sizes, got {sizes}"
+        levels, offset = [], 0
+        for name, size in zip(names, sizes):
+            h, w = manifest["fields"][name]["shape"]
+            levels.append(CodeLevel(name=name, height=h, width=w, codebook_size=size, offset=offset))
+            offset += size
+        return cls(levels=levels)
+
+    @property
+    def length(self) -> int:
+        """Tokens per sequence."""
+        return sum(lv.length for lv in self.levels)
+
+    @property
+    def vocab_size(self) -> int:
+        return max(lv.offset + lv.codebook_size for lv in self.levels)
+
+    def pack(self, codes: dict[str, Tensor]) -> Tensor:
+        """Token sequences `(B, length)` int64 from `codes[level.name]` `(B, h, w)` (a batch of shard items)."""
+        parts = []
+        for lv in self.levels:
+            c = codes[lv.name]  # (B, h, w)
+            assert c.shape[1:] == (lv.height, lv.width), (
+                f"{lv.name}: codes of shape {tuple(c.shape)}, the layout has {lv.height}x{lv.width}"
+            )
+            parts.append(rearrange(c.long(), "b h w -> b (h w)") + lv.offset)  # raster order
+        return torch.cat(parts, dim=1)
+
+    def unpack(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Code maps `{level.name: (B, h, w)}` int64 (offsets removed) of token sequences `(B, length)`."""
+        assert tokens.shape[1] == self.length, f"sequences of {tokens.shape[1]} tokens, the layout has {self.length}"
+        codes, start = {}, 0
+        for lv in self.levels:
+            part = tokens[:, start : start + lv.length] - lv.offset
+            codes[lv.name] = rearrange(part, "b (h w) -> b h w", h=lv.height)
+            start += lv.length
+        return codes
+
+    def allowed_tokens(self) -> Tensor:
+        """`(length, vocab_size)` bool: the tokens of each position's level."""
+        mask = torch.zeros(self.length, self.vocab_size, dtype=torch.bool)
+        start = 0
+        for lv in self.levels:
+            mask[start : start + lv.length, lv.offset : lv.offset + lv.codebook_size] = True
+            start += lv.length
+        return mask
+
+    def to_json(self) -> dict:
+        return {"levels": [vars(lv).copy() for lv in self.levels]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CodeLayout:
+        return cls(levels=[CodeLevel(**lv) for lv in data["levels"]])
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding."""
+
+    def __init__(self, *, num_layers: int):
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Tokens seen so far (by every layer, between forward calls)."""
+        return self.layer_length(len(self.keys) - 1)
+
+    def layer_length(self, layer: int) -> int:
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append `k`, `v` `(B, heads, T, d)` of layer `layer`; returns all keys and values so far."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, *, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        assert hidden_size % num_heads == 0, f"hidden_size {hidden_size} not divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor, *, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        T = x.shape[1]  # x: (B, T, hidden)
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        past = 0
+        if cache is not None:
+            past = cache.layer_length(layer)  # read per layer: earlier layers of this call already appended
+            k, v = cache.update(layer, k, v)  # (B, heads, past + T, d)
+        if past == 0:
+            mask, is_causal = None, True
+        else:  # query i (absolute position past + i) sees keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, heads, T, d)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x + attn(ln(x))`, then `x + mlp(ln(x))`."""
+
+    def __init__(self, *, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.attn = CausalSelfAttention(hidden_size=hidden_size, num_heads=num_heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, 4 * hidden_size, bias=False),
+            nn.GELU(),
+            nn.Linear(4 * hidden_size, hidden_size, bias=False),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, *, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache=cache, layer=layer)
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class GPTOutput:
+    """Output of `GPT.forward`.
+
+    Args:
+        logits (`Tensor` of shape `(B, T, vocab_size)`): next-token logits; `T` counts the conditioning token when
+            it was part of the input (a call without cache, or the first call with an empty one).
+    """
+
+    logits: Tensor
+
+
+class GPT(ModelMixin, ConfigMixin):
+    """Decoder-only transformer over code tokens, optionally class-conditional. Saved with `save_pretrained`.
+
+    Args:
+        vocab_size (`int`): tokens (`CodeLayout.vocab_size`).
+        block_size (`int`): the longest input, conditioning token included; to model sequences of `L` codes use
+            `block_size=L` (the last code is predicted, never fed).
+        num_layers (`int`, defaults to 6): transformer blocks.
+        num_heads (`int`, defaults to 8): attention heads; must divide `hidden_size`.
+        hidden_size (`int`, defaults to 512): width of the residual stream.
+        dropout (`float`, defaults to 0.0): dropout on embeddings, attention weights and MLP outputs.
+        num_classes (`int`, defaults to 0): class-conditional when positive (the first token embeds the label);
+            0: unconditional (the first token is a learned start token).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        block_size: int,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        hidden_size: int = 512,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+    ):
+        super().__init__()
+        assert num_classes >= 0, f"num_classes must be >= 0, got {num_classes}"
+        self.token_embed = nn.Embedding(vocab_size, hidden_size)
+        self.cond_embed = nn.Embedding(max(num_classes, 1), hidden_size)  # labels, or the single start token
+        self.pos_embed = nn.Parameter(torch.zeros(1, block_size, hidden_size))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            [Block(hidden_size=hidden_size, num_heads=num_heads, dropout=dropout) for _ in range(num_layers)]
+        )
+        self.norm = nn.LayerNorm(hidden_size)
+        self.head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                # GPT-2: residual projections scaled so the residual stream's variance does not grow with depth
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices (linear weights, embeddings), none on norms and biases."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def forward(
+        self, codes: Tensor, *, class_labels: Tensor | None = None, cache: KVCache | None = None
+    ) -> GPTOutput:
+        """Next-token logits.
+
+        Args:
+            codes (`Tensor` of shape `(B, T)`, int64): tokens; may be empty (`T = 0`).
+            class_labels (`Tensor` of shape `(B,)`, int64, *optional*): required iff `num_classes > 0`; read only when
+                the conditioning token is part of the input.
+            cache (`KVCache`, *optional*): incremental decoding: an empty cache means the input starts with the
+                conditioning token; a non-empty one continues after the tokens it holds.
+
+        Returns:
+            `GPTOutput` with logits `(B, T + 1, vocab_size)` when the conditioning token is prepended, else
+            `(B, T, vocab_size)`.
+        """
+        B = codes.shape[0]  # codes: (B, T)
+        past = cache.length if cache is not None else 0
+        x = self.token_embed(codes)  # (B, T, hidden)
+        if past == 0:
+            if self.config.num_classes > 0:
+                assert class_labels is not None and class_labels.shape == (B,), "a class-conditional GPT needs labels"
+                cond = self.cond_embed(class_labels)  # (B, hidden)
+            else:
+                assert class_labels is None, "class_labels given to an unconditional GPT (num_classes=0)"
+                cond = self.cond_embed.weight[0].expand(B, -1)
+            x = torch.cat([cond[:, None], x], dim=1)  # (B, 1 + T, hidden)
+        end = past + x.shape[1]
+        assert end <= self.config.block_size, f"{end} tokens exceed block_size {self.config.block_size}"
+        x = self.drop(x + self.pos_embed[:, past:end])
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=cache, layer=i)
+        return GPTOutput(logits=self.head(self.norm(x)))  # (B, end - past, vocab)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        *,
+        num_samples: int,
+        length: int,
+        class_labels: Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        allowed_tokens: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample `num_samples` sequences of `length` tokens, one token per step with a key/value cache.
+
+        Args:
+            num_samples (`int`): sequences `B`.
+            length (`int`): tokens per sequence (at most `block_size`).
+            class_labels (`Tensor` of shape `(B,)`, *optional*): labels of a class-conditional model.
+            temperature (`float`, defaults to 1.0): logits are divided by it; must be positive.
+            top_k (`int`, *optional*): sample among the `top_k` most likely (allowed) tokens only; 1 is greedy.
+            allowed_tokens (`Tensor` of shape `(length, vocab_size)`, bool, *optional*): tokens each position may
+                take (`CodeLayout.allowed_tokens()`).
+            generator (`torch.Generator`, *optional*): on the model's device, for reproducible samples.
+
+        Returns:
+            `Tensor` of shape `(B, length)`, int64.
+        """
+        assert temperature > 0, f"temperature must be positive, got {temperature}"
+        assert length <= self.config.block_size, f"length {length} exceeds block_size {self.config.block_size}"
+        device = self.token_embed.weight.device
+        if allowed_tokens is not None:
+            allowed_tokens = allowed_tokens.to(device)
+        out = torch.empty(num_samples, length, dtype=torch.long, device=device)
+        cache = KVCache(num_layers=len(self.blocks))
+        x = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+        for i in range(length):
+            logits = self(x, class_labels=class_labels, cache=cache).logits[:, -1].float() / temperature  # (B, V)
+            if allowed_tokens is not None:
+                logits = logits.masked_fill(~allowed_tokens[i], float("-inf"))
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out[:, i] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            x = out[:, i : i + 1]
+        return out
+
+
+__all__ = ["GPT", "CodeLayout", "CodeLevel", "GPTOutput", "KVCache"]
