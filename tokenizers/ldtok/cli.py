@@ -7,7 +7,12 @@ import importlib
 import sys
 
 # name -> (module, help); each module has `add_arguments(parser)` and `run(args) -> int`.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "encode": ("ldtok.commands.encode", "encode a dataset into resumable latent shards"),
+    "decode": ("ldtok.commands.decode", "decode latent shards back into PNG images"),
+    "verify": ("ldtok.commands.verify", "check a latent-shard directory; exit status 1 if anything is wrong"),
+    "eval": ("ldtok.commands.eval", "evaluate a tokenizer's reconstructions and write report.html / report.json"),
+}
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -1,0 +1,142 @@
+"""Decode latent shards back into images, to look at what a prior will be trained on.
+
+    ldtok decode latents/train --model runs/kl/final --out decoded/ --limit 64 --grid
+
+Writes one PNG per sample, named after its sample id (`image_file_name`: characters outside `[A-Za-z0-9._-]` become
+`_`, and a short hash of the id is appended whenever the name had to change or is taken, so distinct ids never share
+a file),
+`decoded.json` (sample id -> file name) and, with `--grid`, `grid.png` of the first `--grid-size` images. KL shards
+decode the stored posterior mean (the model's own reconstruction), or a posterior sample with `--sample`; VQ shards
+decode their indices. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _id_hash(sample_id: str) -> str:
+    return hashlib.sha256(sample_id.encode()).hexdigest()[:10]
+
+
+def image_file_name(sample_id: str) -> str:
+    """A safe, flat PNG file name for a sample id: the id itself when it is a safe `.png` name (`img01.png`), the id
+    plus `.png` when it is safe (`train/17` is not: `train_17-<hash>.png`), else the sanitized id and its hash."""
+    name = SAFE_CHARS.sub("_", sample_id).strip("._")[:120]
+    if name != sample_id or not name:  # changed (or empty): disambiguate with the id's hash
+        name = f"{name}-{_id_hash(sample_id)}"
+    return name if name.endswith(".png") else name + ".png"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="shard directory with an index.json (from `ldtok encode`)")
+    parser.add_argument("--model", required=True, help="the tokenizer directory the shards were encoded with")
+    parser.add_argument("--out", required=True, help="output folder for the PNGs")
+    parser.add_argument("--limit", type=int, help="decode only the first N samples (in index order)")
+    parser.add_argument("--grid", action="store_true", help="also write grid.png of the first --grid-size images")
+    parser.add_argument("--grid-size", type=int, default=64, help="images in the grid, 8 per row")
+    parser.add_argument("--sample", action="store_true", help="KL: decode a posterior sample instead of the mean")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed for --sample")
+    parser.add_argument("--flipped", action="store_true", help="decode the stored *_flip latents (files *-flip.png)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _grid(images: list[Tensor], *, columns: int = 8):
+    """Rows of `columns` images `(3, H, W)`; the last row padded with white."""
+    from ldtok.images import make_grid
+
+    columns = min(columns, len(images))
+    pad = (-len(images)) % columns
+    images = images + [torch.ones_like(images[0])] * pad  # 1.0 is white in [-1, 1]
+    rows = [torch.stack(images[i : i + columns]) for i in range(0, len(images), columns)]  # each (columns, 3, H, W)
+    return make_grid(rows)
+
+
+@torch.no_grad()
+def decode_rows(model, rows: dict[str, Tensor], *, kind: str, sample: bool, generator: torch.Generator | None,
+                device: torch.device) -> Tensor:  # fmt: skip
+    """Images `(B, 3, H, W)` in [-1, 1] from one batch of stored fields (names without the `_flip` suffix)."""
+    if kind == "kl":
+        z = rows["mean"].float()  # (B, C, h, w), unscaled
+        if sample:
+            std = torch.exp(0.5 * rows["logvar"].float().clamp(-30.0, 20.0))  # as DiagonalGaussianDistribution
+            z = z + std * torch.randn(z.shape, generator=generator)
+        return model.decode_latents(z.to(device))
+    if kind == "vq":
+        return model.decode_indices(rows["indices"].long().to(device))
+    return model.decode_indices(rows["indices_top"].long().to(device), rows["indices_bottom"].long().to(device))
+
+
+def run(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from ldtok.images import save_image_atomic, to_pil
+    from ldtok.models import load_tokenizer
+    from ldtok.shards import KIND_FIELDS, load_manifest
+    from ldtok.shards.manifest import atomic_write_json
+
+    shard_dir, out_dir = Path(args.shards), Path(args.out)
+    manifest = load_manifest(shard_dir)
+    kind = manifest["kind"]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_tokenizer(args.model, device=device)
+    if model.kind != kind:
+        raise SystemExit(f"{args.model} is a {model.kind!r} model but {shard_dir} holds {kind!r} shards")
+    expected = manifest["metadata"].get("model_config_sha256")
+    if expected and model.config_sha256() != expected:
+        print(f"warning: {args.model} has config sha256 {model.config_sha256()}, the shards were encoded with a model "
+              f"of config sha256 {expected}", file=sys.stderr)  # fmt: skip
+    names = list(KIND_FIELDS[kind])
+    if kind == "kl" and not args.sample:
+        names = ["mean"]
+    suffix = "_flip" if args.flipped else ""
+    missing = [n + suffix for n in names if n + suffix not in (manifest["fields"] or {})]
+    if missing:
+        raise SystemExit(f"{shard_dir} stores no {missing}")
+
+    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
+    limit = args.limit if args.limit is not None else manifest["totals"]["num_samples"]
+    files: dict[str, str] = {}  # sample id -> file name
+    used: set[str] = set()
+    grid: list[Tensor] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for rec in manifest["shards"]:
+        if len(files) >= limit:
+            break
+        if rec["num_samples"] == 0:
+            continue
+        with safe_open(str(shard_dir / rec["file"]), framework="pt") as f:
+            ids = json.loads(f.metadata()["ids"])
+            n = min(len(ids), limit - len(files))
+            for lo in range(0, n, args.batch_size):
+                hi = min(lo + args.batch_size, n)
+                rows = {name: f.get_slice(name + suffix)[lo:hi] for name in names}
+                images = decode_rows(model, rows, kind=kind, sample=args.sample, generator=generator, device=device)
+                for sample_id, image in zip(ids[lo:hi], images.float().cpu()):
+                    name = image_file_name(sample_id)
+                    if name in used:  # ids "a" and "a.png" would both be a.png
+                        name = f"{name.removesuffix('.png')}-{_id_hash(sample_id)}.png"
+                    used.add(name)
+                    if args.flipped:
+                        name = name.removesuffix(".png") + "-flip.png"
+                    save_image_atomic(to_pil(image), out_dir / name)
+                    files[sample_id] = name
+                    if args.grid and len(grid) < args.grid_size:
+                        grid.append(image)
+    atomic_write_json(out_dir / "decoded.json", {"shards": str(shard_dir.resolve()), "model": str(args.model),
+                                                 "sample": args.sample, "flipped": args.flipped, "files": files})
+    if args.grid and grid:
+        save_image_atomic(_grid(grid), out_dir / "grid.png")
+    print(f"decoded {len(files)} samples of {shard_dir} into {out_dir}" + (" (+ grid.png)" if grid else ""))
+    return 0

