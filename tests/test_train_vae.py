@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import launch, steps_logged
 from PIL import Image
-from launch import ROOT, launch, steps_logged
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def run4(tmp_path_factory):
     """4 steps, checkpoints at 2 and 4."""
     out = tmp_path_factory.mktemp("run") / "vae"
-    launch(f"output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2")
+    # constant LR: a cosine schedule depends on max_steps, which the resumed run below extends from 4 to 6
+    launch(f"output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2", "train.lr_schedule=constant")
     return out
 
 
@@ -45,14 +46,15 @@ def test_resume_latest_continues_from_step_4_and_matches_an_uninterrupted_run(ru
     import shutil
 
     shutil.copytree(run4, resumed)
-    result = launch(f"output_dir={resumed}", "resume=latest", "train.max_steps=6", "train.checkpoint_every=2")
+    result = launch(f"output_dir={resumed}", "resume=latest", "train.max_steps=6", "train.checkpoint_every=2",
+                    "train.lr_schedule=constant")
     assert "resumed from" in result.stderr and "step 4" in result.stderr
     steps = steps_logged(resumed)
     assert steps == [1, 2, 3, 4, 5, 6], steps  # steps 5 and 6 appended, nothing restarted from 0
     assert json.loads((resumed / "summary.json").read_text())["steps"] == 6
 
     straight = tmp_path / "straight"
-    launch(f"output_dir={straight}", "train.max_steps=6", "train.checkpoint_every=2")
+    launch(f"output_dir={straight}", "train.max_steps=6", "train.checkpoint_every=2", "train.lr_schedule=constant")
     a = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
     b = load_file(straight / "checkpoints" / "step_00000006" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from .config import write_text_atomic
+from .atomic import write_text_atomic
 
 _NAME = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 import types
-from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from .atomic import write_text_atomic
 
 T = TypeVar("T")
 
@@ -119,20 +119,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe(cls: type, prefix: str = "") -> str:

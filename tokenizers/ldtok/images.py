@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from .atomic import write_bytes_atomic
 
 
 def to_pil(x: Tensor) -> Image.Image:
@@ -39,14 +41,6 @@ def make_grid(rows: list[Tensor], *, padding: int = 2) -> Image.Image:
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Save a PNG through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return write_bytes_atomic(path, buffer.getvalue())

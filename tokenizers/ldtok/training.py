@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from .atomic import write_text_atomic
 from .checkpoint import list_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
-from .config import save_config, write_text_atomic
+from .config import save_config
 from .data import DataConfig, build_dataset, collate
 from .ema import ModelEMA
 from .images import make_grid, save_image_atomic
@@ -201,6 +202,9 @@ def train(config: RunConfig) -> dict:
     loader = DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=not iterable, drop_last=not iterable, collate_fn=collate,
         num_workers=config.data.num_workers,
+        # its own generator: creating a loader iterator (as a resumed run does) then draws nothing from the global
+        # RNG, which the posterior sampling uses
+        generator=torch.Generator().manual_seed(tc.seed),
     )
     val_images = _load_images(_validation_config(config), max(tc.val_images, tc.grid_images))
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema_decay else None
