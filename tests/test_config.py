@@ -53,7 +53,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == config
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("prior-")))
 def test_every_preset_config_is_valid(name):
     load_config(RunConfig, ROOT / "configs" / name)
 

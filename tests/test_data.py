@@ -1,8 +1,8 @@
 """Data module: image decoding of every mode, bad files, HF / streaming / WebDataset sources, the default dataset."""
 
+import dataclasses
 import hashlib
 import io
-import dataclasses
 import json
 import logging
 import os
@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from ldtok import default_dataset
 from ldtok.data import DataConfig, ImageTransform, build_dataset, collate, decode_image
-from PIL import Image
 
 R = 32  # test resolution
 

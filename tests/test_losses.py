@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
 from ldtok.discriminator import PatchDiscriminator
 from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from ldtok.outputs import AutoencoderOutput, QuantizerOutput
 from ldtok.perceptual import build_perceptual
-from torch import nn
 
 H = W = 32
 LATENT = 4

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch import nn
+
 from ldtok.metrics import (
     FID_HELPER_DEFAULT_1_SHA256,
     PSNR_CAP,
@@ -31,7 +33,6 @@ from ldtok.metrics import (
     ssim,
     to_uint8,
 )
-from torch import nn
 
 
 def _to_float(u: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ldtok.quantizers import QuantizerConfig, VectorQuantizer
 from safetensors.torch import load_file, save_file
+
+from ldtok.quantizers import QuantizerConfig, VectorQuantizer
 
 K, D = 32, 4
 

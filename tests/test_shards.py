@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch.utils.data import DataLoader
+
 from ldtok.shards import (
     ChannelStats,
     LatentShardDataset,
@@ -23,9 +27,6 @@ from ldtok.shards import (
     verify,
     write_manifest,
 )
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
-from torch.utils.data import DataLoader
 
 N, C, H, W = 22, 4, 4, 4
 META = {"model_config_sha256": "cafe" * 16, "resolution": "32", "transforms": json.dumps({"center_crop": True})}

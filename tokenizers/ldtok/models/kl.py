@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
-from torch import Tensor, nn
-
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import Tensor, nn
 
 from ..outputs import AutoencoderOutput
 from .config import ModelConfig
