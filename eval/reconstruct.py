@@ -1,0 +1,24 @@
+"""Evaluate a trained tokenizer's reconstructions: PSNR, SSIM, LPIPS / ST-LPIPS, rFID, codebook usage or KL per
+channel, per-image errors, pictures, and a self-contained report.html (the same as `ldtok eval`).
+
+    python eval/reconstruct.py --model runs/kl/final --out runs/kl/eval
+    accelerate launch eval/reconstruct.py --model runs/kl/final --out runs/kl/eval --batch-size 32
+
+Flags: `python eval/reconstruct.py --help`.
+"""
+
+import argparse
+import sys
+
+from ldtok.commands import eval as eval_command
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=eval_command.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_command.add_arguments(parser)
+    return eval_command.run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
