@@ -94,19 +94,30 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     assert "truncated.jpg" in result.stderr
 
 
-def tiny_clip_tokenizer(path: Path):
-    """A byte-level CLIP tokenizer with no merges, written offline (no hub download)."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+def byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
-    chars = list(bytes_to_unicode().values())
+
+def tiny_clip_tokenizer(path: Path):
+    """A byte-level CLIP tokenizer with no merges, made offline (no hub download)."""
+    import inspect
+
+    from transformers import CLIPTokenizer
+
+    chars = byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt")), len(vocab)
+    return CLIPTokenizer(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"),
+                         model_max_length=77), len(vocab)
 
 
 def test_exported_vae_runs_inside_a_stable_diffusion_pipeline(run4, tmp_path):
