@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -11,11 +14,20 @@ from ..outputs import AutoencoderOutput
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 
+logger = logging.getLogger("ldtok.models")
+
 
 def build_autoencoder_kl(config: ModelConfig) -> AutoencoderKL:
     """A diffusers `AutoencoderKL` from `config` (a preset's architecture), or loaded from `config.init_from`."""
     if config.init_from is not None:
-        return AutoencoderKL.from_pretrained(config.init_from)
+        vae = AutoencoderKL.from_pretrained(config.init_from)
+        differs = {k: vae.config[k] for k in ("block_out_channels", "latent_channels", "layers_per_block",
+                                              "norm_num_groups") if list(np.atleast_1d(vae.config[k]))
+                   != list(np.atleast_1d(getattr(config, k)))}
+        if differs:
+            logger.warning("model.init_from=%s defines the architecture; these model.* keys differ and are not used: %s",
+                           config.init_from, differs)
+        return vae
     n = len(config.block_out_channels)
     return AutoencoderKL(
         in_channels=config.in_channels,
