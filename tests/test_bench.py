@@ -1,0 +1,93 @@
+"""The benchmark (`eval/bench.py`, `ldtok.benchmark`): a CPU smoke run, and the baseline computing what ldtok does."""
+
+import importlib.util
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldtok.benchmark import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--resolution", "32", "--batch-size", "2", "--disc-channels", "16", "--disc-layers", "2"]
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "eval" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_smoke_run_prints_the_table_and_writes_json(tmp_path, capsys):
+    # bf16 + channels-last: also runs ldtok's option path (the fp32 path is the equivalence test's)
+    out = tmp_path / "report" / "bench.json"
+    _bench_script().main(["--preset", "demo-kl", *TINY, "--steps", "2", "--warmup", "1", "--precision", "bf16",
+                          "--channels-last", "--out", str(out)])
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("name"))
+    assert header.split() == ["name", "baseline", "img/s", "ldtok", "img/s", "ratio", "baseline", "peak", "MiB",
+                              "ldtok", "peak", "MiB", "ratio"]
+    assert "pnet_rand=True" in printed
+
+    report = json.loads(out.read_text())
+    assert report["config"]["precision"] == "bf16" and report["config"]["channels_last"]
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"], "the atomic write left a temporary file"
+    rows = {row["name"]: row for row in report["rows"]}
+    assert set(rows) == {"train demo-kl", "encode demo-kl"}
+    for name, row in rows.items():
+        assert name in printed
+        for side in ("baseline", "ldtok"):
+            result = row[side]
+            assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["cpu_seconds"] > 0, result
+            assert result["peak_scope"] == "steps"  # Linux: the high-water mark was reset after building
+        assert row["speedup"] == pytest.approx(row["ldtok"]["images_per_s"] / row["baseline"]["images_per_s"])
+        assert row["memory_ratio"] > 0
+    for side in ("baseline", "ldtok"):
+        assert math.isfinite(rows["train demo-kl"][side]["loss"]) and rows["train demo-kl"][side]["loss"] > 0
+        assert rows["encode demo-kl"][side]["loss"] is None
+
+
+@pytest.mark.parametrize("preset", ["demo-kl", "demo-vq"])
+def test_baseline_and_ldtok_steps_compute_the_same_losses(tmp_path, preset):
+    # VQ: a gradient-trained codebook without k-means or restarts, as diffusers' own quantizer has
+    quantizer = {"codebook_size": 256, "codebook_dim": 4, "ema": False, "kmeans_init": False, "dead_code_steps": 0}
+    overrides = {} if preset == "demo-kl" else {"quantizer": quantizer}
+    config = BenchConfig(presets=[preset], resolution=32, batch_size=2, disc_channels=16, disc_layers=2)
+    model = model_config(preset, 32, overrides)
+    weights = prepare_weights(config, model, tmp_path)
+    # weights that make every term visible at the tolerance (LDM's KL weight 1e-6 would hide a wrong KL scaling)
+    loss = replace(loss_config(config), kl_weight=1.0, quant_weight=100.0, perceptual_weight=0.5, disc_weight=0.8)
+    build = {"model": model, "loss": loss, "weights": weights, "device": torch.device("cpu")}
+    ours, baseline = LdtokTrainStep(**build), BaselineTrainStep(**build)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    # step 0: same weights, inputs and posterior noise -> the same loss values (generator: reconstruction,
+    # perceptual, KL or quantizer loss, adaptive-weight GAN term; discriminator: hinge)
+    torch.manual_seed(0)
+    a = ours(x, 0)
+    torch.manual_seed(0)
+    b = baseline(x, 0)
+    assert a.generator.item() == pytest.approx(b.generator.item(), rel=1e-5)
+    assert a.discriminator.item() == pytest.approx(b.discriminator.item(), rel=1e-5)
+
+    # Step 1 compares the updates, for KL only. Diffusers' VQModel puts beta on the codebook term (legacy=True: the
+    # same loss value, other gradients), and its straight-through output rounds differently, which Adam's first
+    # step amplifies; the KL baseline runs bitwise the same computation.
+    if preset == "demo-kl":
+        torch.manual_seed(1)
+        a = ours(x, 1)
+        torch.manual_seed(1)
+        b = baseline(x, 1)
+        assert a.generator.item() == pytest.approx(b.generator.item(), rel=1e-5)
+        assert a.discriminator.item() == pytest.approx(b.discriminator.item(), rel=1e-5)
+
+
+def test_families_without_a_diffusers_baseline_are_refused():
+    with pytest.raises(ValueError, match="no diffusers baseline"):
+        BenchConfig(presets=["demo-vqvae2"], resolution=32)
+    with pytest.raises(AssertionError, match="not divisible"):
+        BenchConfig(presets=["demo-kl"], resolution=30)
