@@ -54,6 +54,7 @@ from .losses import AutoencoderLoss, LossConfig, build_discriminator
 from .meters import ThroughputMeter, peak_memory_mib
 from .models import ModelConfig, build_model
 from .perceptual import build_perceptual
+from .training import autoencoder_step
 
 PERCEPTUAL_NOTE = "perceptual: lpips.LPIPS(net='vgg', pnet_rand=True) on both sides (random VGG backbone, same compute)"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -200,7 +201,7 @@ def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -
 
 
 class LdtokTrainStep:
-    """ldtok's training step (the body of `ldtok.training.train`'s loop, without Accelerate), called as
+    """ldtok's training step (`ldtok.training.autoencoder_step`, without Accelerate), called as
     `step_fn(x, step) -> StepLosses`. `weights`: a `prepare_weights` folder; the other arguments as in `BenchConfig`.
     """
 
@@ -227,26 +228,21 @@ class LdtokTrainStep:
         self.model.train()
         self.disc.train()
 
-    def _update(self, loss: Tensor, optimizer: torch.optim.Optimizer, params) -> None:
+    def _update(self, loss: Tensor, optimizer: torch.optim.Optimizer, module: nn.Module) -> Tensor:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm)
         self.scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def __call__(self, x: Tensor, step: int) -> StepLosses:
-        output = self.model(x)
-        g_loss, _ = self.loss_fn.generator_loss(
-            x, output.sample, discriminator=self.raw_disc, last_layer=self.raw_model.last_layer, step=step,
-            posterior=output.posterior, quant=output.quant,
+        terms = autoencoder_step(  # the trainer's own step function
+            model=self.model, disc=self.disc, raw_disc=self.raw_disc, last_layer=self.raw_model.last_layer,
+            loss_fn=self.loss_fn, opt_g=self.opt_g, opt_d=self.opt_d, x=x, x_in=x, step=step, update=self._update,
         )
-        self._update(g_loss, self.opt_g, self.raw_model.parameters())
-        d_loss = torch.zeros(())
-        if self.loss_fn.disc_active(step):
-            d_loss, _ = self.loss_fn.discriminator_loss(x, output.sample, discriminator=self.disc, step=step)
-            self._update(d_loss, self.opt_d, self.raw_disc.parameters())
         self.scaler.update()
-        return StepLosses(generator=g_loss.detach(), discriminator=d_loss.detach())
+        return StepLosses(generator=terms["loss"], discriminator=terms.get("disc_loss", torch.zeros(())))
 
 
 class BaselineTrainStep:

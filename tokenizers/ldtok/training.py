@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -29,7 +30,7 @@ from .config import save_config
 from .data import DataConfig, build_dataset, collate
 from .ema import ModelEMA
 from .images import make_grid, save_image_atomic
-from .losses import LossConfig, build_discriminator, build_loss
+from .losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from .meters import ThroughputMeter, peak_memory_mib
 from .models import ModelConfig, build_model
 from .validation import calibrate_latent_scale, validate
@@ -127,6 +128,49 @@ def learning_rate(step: int, *, base: float, warmup_steps: int, max_steps: int, 
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
     return base
+
+
+def autoencoder_step(
+    *,
+    model: torch.nn.Module,
+    disc: torch.nn.Module,
+    raw_disc: torch.nn.Module,
+    last_layer: torch.Tensor,
+    loss_fn: AutoencoderLoss,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    x: torch.Tensor,
+    x_in: torch.Tensor,
+    step: int,
+    update: Callable[[torch.Tensor, torch.optim.Optimizer, torch.nn.Module], torch.Tensor | None],
+) -> dict[str, torch.Tensor]:
+    """One training step: the autoencoder's (generator's) update, then, once the GAN is active, the discriminator's.
+
+    Args:
+        model, disc: the models being trained, as prepared (DDP-wrapped) for their forwards.
+        raw_disc: the unwrapped discriminator, evaluated with detached parameters inside the generator loss.
+        last_layer (`Tensor`): the decoder's last weight, for the adaptive GAN weight.
+        x (`Tensor` of shape `(B, 3, H, W)`): the clean images (the target); `x_in` what the model sees (noisy in
+            denoising mode, else `x`).
+        update: `update(loss, optimizer, module)` backpropagates, clips, steps and zeroes, returning the gradient
+            norm or `None` (Accelerate's in training; a plain or GradScaler one in `ldtok.benchmark`).
+
+    Returns:
+        The detached loss terms (`loss`, `rec`, `perceptual`, `kl`/`quant`, `gan`, `disc_loss`, ...).
+    """
+    output = model(x_in)
+    g_loss, terms = loss_fn.generator_loss(
+        x, output.sample, discriminator=raw_disc, last_layer=last_layer, step=step,
+        posterior=output.posterior, quant=output.quant,
+    )
+    grad_norm = update(g_loss, opt_g, model)
+    if grad_norm is not None:
+        terms["grad_norm"] = grad_norm
+    if loss_fn.disc_active(step):
+        d_loss, d_terms = loss_fn.discriminator_loss(x, output.sample, discriminator=disc, step=step)
+        update(d_loss, opt_d, disc)
+        terms.update(d_terms)
+    return terms
 
 
 def weights_checksum(*models: torch.nn.Module) -> str:
@@ -265,6 +309,15 @@ def train(config: RunConfig) -> dict:
             result["grid"] = str(path)
         return result
 
+    def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> torch.Tensor | None:
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and tc.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm)
+        optimizer.step()  # Accelerate's wrapper skips it while accumulating
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     progress = tqdm(total=tc.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
     meter = ThroughputMeter()
@@ -296,25 +349,11 @@ def train(config: RunConfig) -> dict:
                     group["lr"] = lr
             x_in = x + tc.input_noise_std * torch.randn_like(x) if tc.input_noise_std > 0 else x
             meter.start()
-            with accelerator.accumulate(model, disc):
-                output = model(x_in)  # through the prepared model: DDP syncs gradients in its forward/backward
-                g_loss, terms = loss_fn.generator_loss(
-                    x, output.sample, discriminator=raw_disc, last_layer=raw_model.last_layer, step=step,
-                    posterior=output.posterior, quant=output.quant,
+            with accelerator.accumulate(model, disc):  # forwards run through the prepared (DDP) models
+                terms = autoencoder_step(
+                    model=model, disc=disc, raw_disc=raw_disc, last_layer=raw_model.last_layer, loss_fn=loss_fn,
+                    opt_g=opt_g, opt_d=opt_d, x=x, x_in=x_in, step=step, update=update,
                 )
-                accelerator.backward(g_loss)
-                if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                    terms["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-                if loss_fn.disc_active(step):
-                    d_loss, d_terms = loss_fn.discriminator_loss(x, output.sample, discriminator=disc, step=step)
-                    accelerator.backward(d_loss)
-                    if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(disc.parameters(), tc.max_grad_norm)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    terms.update(d_terms)
             meter.stop(x.shape[0] * accelerator.num_processes)
             state["images_seen"] += x.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -373,4 +412,6 @@ def train(config: RunConfig) -> dict:
     return summary
 
 
-__all__ = ["RunConfig", "TrainConfig", "learning_rate", "list_checkpoints", "train", "weights_checksum"]
+__all__ = [
+    "RunConfig", "TrainConfig", "autoencoder_step", "learning_rate", "list_checkpoints", "train", "weights_checksum",
+]
