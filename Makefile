@@ -14,10 +14,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Train the demo KL-VAE on the embedded photos (CPU) -> export to diffusers -> PSNR and a reconstruction grid.
+# The main job on the embedded photos (CPU, a few minutes): train the demo KL-VAE -> export it to diffusers ->
+# encode the photos into latent shards -> evaluate (PSNR/SSIM/ST-LPIPS report). Starts afresh in runs/demo-kl.
+LAUNCH := $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 demo: $(STAMP)
-	$(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train/vae.py --config configs/demo-kl.yaml
+	rm -rf runs/demo-kl
+	$(LAUNCH) train/vae.py --config configs/demo-kl.yaml output_dir=runs/demo-kl
+	$(BIN)/ldtok encode --model runs/demo-kl/final --out runs/demo-kl/latents --data-source default --resolution 64 \
+		--write-scaling-factor
+	$(BIN)/ldtok verify runs/demo-kl/latents
+	$(BIN)/ldtok eval --model runs/demo-kl/final --out runs/demo-kl/eval --data-source default --split validation \
+		--resolution 64 --perceptual stlpips-alex --fid off
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15

@@ -18,7 +18,10 @@ def main() -> None:
         sys.exit(f"config error: {e}")
     if config.model.type != "kl":
         sys.exit(f"config error: model.type: train/vae.py trains KL models, got {config.model.type!r} (use train/vq.py)")
-    summary = train(config)
+    try:
+        summary = train(config)
+    except FileExistsError as e:
+        sys.exit(f"error: {e}")
     if "final" in summary:  # the main process
         val = summary["validation"]
         print(f"final model: {summary['final']}  (diffusers AutoencoderKL)")

@@ -21,7 +21,10 @@ def main() -> None:
     if config.model.type not in ("vqgan", "vqvae2"):
         sys.exit(f"config error: model.type: train/vq.py trains vqgan or vqvae2, got {config.model.type!r} "
                  "(use train/vae.py for KL models)")
-    summary = train(config)
+    try:
+        summary = train(config)
+    except FileExistsError as e:
+        sys.exit(f"error: {e}")
     if "final" in summary:  # the main process
         val = summary["validation"]
         usage = ", ".join(f"{k} {100 * v:.1f}%" for k, v in val.items() if k.startswith("codebook_usage"))

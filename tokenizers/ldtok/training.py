@@ -208,6 +208,9 @@ def train(config: RunConfig) -> dict:
     """Train the autoencoder described by `config`; returns the run summary (also written to `summary.json`)."""
     tc = config.train
     out = Path(config.output_dir)
+    if config.resume is None and list_checkpoints(out):
+        raise FileExistsError(f"{out} already holds checkpoints of a run: pass resume=latest to continue it, or choose "
+                              "another output_dir (or delete it) to start afresh")
     report_to = tc.report_to
     if report_to == "auto":
         try:
