@@ -244,7 +244,8 @@ class VectorQuantizer(nn.Module):
             perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
             usage = (counts > 0).float().mean()
 
-        quantized = rearrange(quantized, "(b h w) d -> b d h w", b=B, h=H, w=W).to(z.dtype)
+        # contiguous NCHW: the rearranged view has channels-last strides, and convolutions pick other kernels for those
+        quantized = rearrange(quantized, "(b h w) d -> b d h w", b=B, h=H, w=W).to(z.dtype).contiguous()
         return QuantizerOutput(
             quantized=quantized,
             indices=idx.view(B, H, W),
