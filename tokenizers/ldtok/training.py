@@ -193,7 +193,7 @@ def _validation_config(config: RunConfig) -> DataConfig:
 
 def _load_images(data: DataConfig, n: int) -> torch.Tensor:
     """The first `n` decodable images of `data`, deterministic transforms: `(n, 3, R, R)`."""
-    dataset = build_dataset(replace(data, streaming=data.streaming), train=False)
+    dataset = build_dataset(data, train=False)
     images = []
     for sample in dataset:
         if "pixel_values" in sample:
