@@ -1,0 +1,107 @@
+"""The encoding benchmark (`eval/bench_encode.py`, `ldtok.benchmark_encode`): a CPU smoke run of both sides on a tiny
+exported KL model, and the Kx image folder."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldtok.benchmark_encode import EncodeBenchConfig, link_images, source_images
+from ldtok.models import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 32, "latent_channels": 4,
+        "sample_size": 32, "mid_block_add_attention": False}
+NUM_IMAGES = 8
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_encode_script", ROOT / "eval" / "bench_encode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """8 PNGs of mixed sizes and aspect ratios, and a file that is not an image (never linked)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(NUM_IMAGES):
+        h, w = [(40, 48), (48, 40), (36, 36)][i % 3]
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def kl_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "kl"
+    build_model(ModelConfig(type="kl", **TINY)).export(path)
+    return path
+
+
+def test_the_large_folder_links_every_image_scale_times(images, tmp_path):
+    files = source_images(images)
+    assert [f.name for f in files] == [f"img{i}.png" for i in range(NUM_IMAGES)]
+    assert link_images(files[:3], tmp_path / "3x", repeats=3) == 9
+    made = sorted((tmp_path / "3x").iterdir())
+    assert len(made) == 9 and {f.name.split("_", 1)[1] for f in made} == {"img0.png", "img1.png", "img2.png"}
+    for f in made:  # links, not copies: the same file as the source
+        assert os.path.samefile(f, images / f.name.split("_", 1)[1])
+
+
+def test_smoke_run_prints_the_table_and_writes_json(images, kl_model, tmp_path, capsys):
+    out = tmp_path / "report" / "encode.json"
+    _script().main(["--model", str(kl_model), "--resolution", "32", "--num-images", str(NUM_IMAGES), "--scale", "2",
+                    "--batch-size", "4", "--threads", "1", "--source-dir", str(images), "--work-dir", str(tmp_path),
+                    "--out", str(out)])
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("name"))
+    assert header.split() == ["name", "img/s", "ratio", "e2e", "img/s", "peak", "MiB", "1x", "peak", "MiB", "2x",
+                              "growth", "MiB"]
+    label = "/".join(kl_model.resolve().parts[-2:])
+    assert f"ldtok encode {label}" in printed and f"naive loop {label}" in printed
+
+    report = json.loads(out.read_text())
+    assert [p.name for p in out.parent.iterdir()] == ["encode.json"], "the atomic write left a temporary file"
+    assert report["config"]["num_images"] == NUM_IMAGES and report["config"]["scale"] == 2
+    assert report["config"]["samples_per_shard"] == NUM_IMAGES, "shards default to the 1x size (at most 1024)"
+    rows = {row["side"]: row for row in report["rows"]}
+    assert set(rows) == {"ldtok", "naive"}
+    for side, row in rows.items():
+        assert row["small"]["images"] == NUM_IMAGES and row["large"]["images"] == 2 * NUM_IMAGES, side
+        for size in ("small", "large"):
+            r = row[size]
+            for key in ("images_per_s", "e2e_images_per_s", "seconds", "wall_seconds", "peak_memory_mib",
+                        "output_mib"):
+                assert r[key] > 0, (side, size, key, r)
+            assert r["e2e_images_per_s"] < r["images_per_s"], "the whole process cannot be faster than its loop"
+            assert r["peak_memory_mib"] > 50, "a process that imported torch holds more than 50 MiB"
+        assert row["growth_mib"] == pytest.approx(row["large"]["peak_memory_mib"] - row["small"]["peak_memory_mib"])
+    assert rows["naive"]["ratio"] == 1.0
+    assert rows["ldtok"]["ratio"] == pytest.approx(rows["ldtok"]["large"]["images_per_s"] /
+                                                   rows["naive"]["large"]["images_per_s"])
+    # what each side wrote (f = 2): fp16 mean + logvar (4 x 16 x 16 each) per image and metadata; fp32 samples
+    assert rows["ldtok"]["large"]["output_mib"] * 2**20 > 2 * NUM_IMAGES * 2 * 4 * 16 * 16 * 2
+    assert rows["naive"]["large"]["output_mib"] * 2**20 > 2 * NUM_IMAGES * 4 * 16 * 16 * 4
+    assert not list(tmp_path.glob("ldtok-bench-encode-*")), "the temporary folder was left behind"
+
+
+def test_shard_size_defaults_to_the_1x_size_and_models_need_a_diffusers_class(kl_model, tmp_path):
+    sizes = {(n, b): EncodeBenchConfig(models=[str(kl_model)], num_images=n, batch_size=b).samples_per_shard
+             for n, b in [(256, 32), (4096, 32), (100, 32), (8, 32)]}
+    assert sizes == {(256, 32): 256, (4096, 32): 1024, (100, 32): 96, (8, 32): 32}
+    with pytest.raises(AssertionError, match="multiple of batch_size"):
+        EncodeBenchConfig(models=[str(kl_model)], batch_size=32, samples_per_shard=48)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQVAE2"}))
+    with pytest.raises(AssertionError, match="needs a diffusers class"):
+        EncodeBenchConfig(models=[str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        EncodeBenchConfig(models=[str(tmp_path / "missing")])

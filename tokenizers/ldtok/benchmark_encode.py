@@ -1,0 +1,439 @@
+"""`ldtok encode` against the per-image loop users write without it: images/s, and peak memory at 1x and Kx the data
+(`eval/bench_encode.py`).
+
+Two *sides*, each run in a fresh Python process per (model, side, dataset size), on the same image folder:
+
+- **ldtok**: the real command, `python -m ldtok.cli encode --data-source folder ...` with its usual options: batch
+  `batch_size` (32), `--dtype fp16` storage, one process, `--num-workers` `num_workers` (0 by default, see *Peak
+  memory*), `--samples-per-shard` `samples_per_shard` (see *Sizes*). Its images/s is the rate the command
+  prints itself: its encoding loop (reading and decoding the files, the encoder, writing shards), not the start-up,
+  the dataset scan or the final statistics. `e2e` rates divide by the whole process's wall time instead.
+- **naive**: the loop of diffusers' example scripts and of feature-extraction scripts that keep everything in memory:
+  `from_pretrained` the diffusers model (`AutoencoderKL` or `VQModel`, per `config.json`), then for each file: PIL
+  open, `.convert("RGB")`, torchvision `Resize` + `CenterCrop` + `ToTensor` + `Normalize([0.5], [0.5])`,
+  `vae.encode(x[None])` (batch 1, fp32, under `torch.no_grad()`, on CUDA when there is one, as `ldtok encode` is),
+  append the latents, moved to the CPU, to a Python list (KL: `latent_dist.sample() * scaling_factor`; VQ: the
+  diffusers quantizer's indices, which ignore ldtok's l2-normalized codebooks: other codes, the same compute); at the
+  end `torch.save(torch.cat(latents))`. Its images/s covers the loop and the save. VQ-VAE-2 has no diffusers class,
+  hence no naive side.
+
+Sizes: `1x` is the first `num_images` image files of the source folder (sorted by name; by default the training crops
+of `ldtok.default_dataset`); `Kx` (`scale`) is a folder in which each of them appears K times (hard links, symbolic
+links across file systems), so the work per image is the same and only the count changes. `ldtok encode` holds one
+shard's latents in memory before writing it, so its memory depends on `--samples-per-shard`, not on the dataset
+size; with shards larger than the 1x dataset the 1x run never fills one, and 1x -> Kx would measure the buffer
+filling up (about +50 MiB for 1024-sample shards of the demo KL, 256 -> 2560 images at 64 px, and no more at 5120).
+By default the shards therefore hold `min(1024, num_images)` samples (rounded down to a multiple of the batch).
+
+Peak memory: `ru_maxrss` of each process, from `os.wait4`. It includes the interpreter and the libraries each side
+imports (`ldtok encode` also imports `datasets` and `accelerate`), so compare the growth from 1x to Kx: that is what
+holding every latent costs. `ru_maxrss` is per process: with `num_workers > 0` the DataLoader workers are separate
+processes and the figure is the largest of them, not their sum; the default 0 keeps ldtok in one process, as the naive
+loop is.
+
+Threads: one intra-op thread per process by default. On a small shared machine torch's default (one per core) fights
+the other processes, and the batch-1 loop, with its many small parallel regions, suffers most: 256 images at 64 px
+took 142 s in one run and 7 s in the next (2 threads, 2 busy cores), against 2.3 s with one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+import ldtok
+
+from .atomic import write_text_atomic
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+NAIVE_CLASSES = ("AutoencoderKL", "VQModel")
+DEFAULT_SAMPLES_PER_SHARD = 1024  # `ldtok encode`'s
+# the summary line `ldtok encode` prints (ldtok.commands.encode.run)
+ENCODED_RE = re.compile(r"^encoded (\d+) samples \((\d+) skipped\) .* in [0-9.]+s: ([0-9.]+) img/s", re.MULTILINE)
+
+
+@dataclass
+class EncodeBenchConfig:
+    """What `run_benchmark` measures.
+
+    Args:
+        models (`list[str]`): tokenizer directories with a diffusers `AutoencoderKL` or `VQModel` `config.json`.
+        resolution (`int`, defaults to 64): side of the square images fed to the encoder.
+        num_images (`int`, defaults to 256): images of the `1x` dataset.
+        scale (`int`, defaults to 10): the large dataset is `scale` times the `1x` one.
+        batch_size (`int`, defaults to 32): `ldtok encode --batch-size` (the naive loop encodes one image at a time).
+        dtype (`"fp16"`, `"bf16"` or `"fp32"`, defaults to `"fp16"`): `ldtok encode --dtype` (KL latents' storage).
+        num_workers (`int`, defaults to 0): `ldtok encode --num-workers` (see the module docstring on memory).
+        samples_per_shard (`int`, *optional*): `ldtok encode --samples-per-shard`, a multiple of `batch_size`;
+            `min(1024, num_images)` rounded down to a multiple of the batch if `None` (module docstring, *Sizes*).
+        threads (`int`, *optional*, defaults to 1): `OMP_NUM_THREADS` of both sides' processes (module docstring);
+            torch's default (one per core) when `None`.
+        source_dir (`str`, *optional*): folder of images to draw from; the default dataset's training crops if `None`.
+    """
+
+    models: list[str]
+    resolution: int = 64
+    num_images: int = 256
+    scale: int = 10
+    batch_size: int = 32
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    num_workers: int = 0
+    samples_per_shard: int | None = None
+    threads: int | None = 1
+    source_dir: str | None = None
+
+    def __post_init__(self):
+        assert self.models, "give at least one model directory"
+        for model in self.models:
+            class_name = model_class(model)
+            assert class_name in NAIVE_CLASSES, (
+                f"{model} is a {class_name!r}: the naive loop needs a diffusers class ({', '.join(NAIVE_CLASSES)})")
+        assert self.resolution > 0 and self.num_images > 0 and self.batch_size > 0, (
+            f"resolution, num_images and batch_size must be positive, got {self.resolution}, {self.num_images}, "
+            f"{self.batch_size}")
+        assert self.scale >= 2, f"scale must be at least 2 (the large dataset is scale x the 1x one), got {self.scale}"
+        assert self.dtype in ("fp16", "bf16", "fp32"), f"dtype must be fp16, bf16 or fp32, got {self.dtype!r}"
+        assert self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"
+        assert self.threads is None or self.threads > 0, f"threads must be positive, got {self.threads}"
+        if self.samples_per_shard is None:
+            B = self.batch_size
+            self.samples_per_shard = max(1, min(DEFAULT_SAMPLES_PER_SHARD, self.num_images) // B) * B
+        assert self.samples_per_shard > 0 and self.samples_per_shard % self.batch_size == 0, (
+            f"samples_per_shard ({self.samples_per_shard}) must be a positive multiple of batch_size "
+            f"({self.batch_size})")
+
+
+def model_class(model: str | os.PathLike) -> str | None:
+    """The `_class_name` of a model directory's `config.json` (`FileNotFoundError` if it has none)."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
+    return json.loads(config.read_text()).get("_class_name")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def source_images(source_dir: str | os.PathLike | None) -> list[Path]:
+    """The image files of `source_dir` (not recursive), sorted by name; the default dataset's crops if `None`."""
+    if source_dir is None:
+        from .default_dataset import default_dataset_dir
+
+        source_dir = default_dataset_dir() / "train"
+    source_dir = Path(source_dir).expanduser()
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"image source {source_dir} is not a folder")
+    return sorted(p for p in source_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def link_images(files: list[Path], dest: str | os.PathLike, *, repeats: int = 1) -> int:
+    """Fill the new folder `dest` with `repeats` links to each of `files` (`r<repeat>_<name>`), flat, so the
+    `imagefolder` builder sees one split without labels. Returns the number of files made."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    for r in range(repeats):
+        for f in files:
+            target = dest / f"r{r:03d}_{f.name}"
+            try:
+                os.link(f, target)
+            except OSError:  # another file system (EXDEV), or one without hard links
+                os.symlink(f.resolve(), target)
+    return repeats * len(files)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+@dataclass
+class CaseResult:
+    """One side on one dataset size.
+
+    Args:
+        images (`int`): images encoded.
+        images_per_s (`float`): over the side's timed section (see the module docstring).
+        e2e_images_per_s (`float`): `images` over the process's wall time (start-up, model loading included).
+        seconds (`float`): the timed section.
+        wall_seconds (`float`): the whole process.
+        peak_memory_mib (`float`): `ru_maxrss` of the process (the largest of it and its reaped children).
+        output_mib (`float`): size of what it wrote (shards and manifest, or the saved tensor).
+    """
+
+    images: int
+    images_per_s: float
+    e2e_images_per_s: float
+    seconds: float
+    wall_seconds: float
+    peak_memory_mib: float
+    output_mib: float
+
+
+@dataclass
+class ProcessRun:
+    """A finished child process: its combined stdout and stderr, wall time and `ru_maxrss` in MiB."""
+
+    output: str
+    wall_seconds: float
+    peak_memory_mib: float
+
+
+def run_process(command: list[str], *, env: dict[str, str], log_path: Path) -> ProcessRun:
+    """Run `command`, output to `log_path`; its own peak memory from `wait4` (`RuntimeError` if it fails)."""
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)  # reaps it: this child's rusage, not all children's
+        except BaseException:  # e.g. Ctrl-C: do not leave the child running
+            process.kill()
+            process.wait()
+            raise
+        wall = time.perf_counter() - t0
+    process.returncode = os.waitstatus_to_exitcode(status)
+    output = log_path.read_text(errors="replace")
+    if process.returncode != 0:
+        tail = "\n".join(output.splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}:\n{tail}")
+    peak = usage.ru_maxrss / 2**20 if sys.platform == "darwin" else usage.ru_maxrss / 2**10  # bytes / KiB
+    return ProcessRun(output=output, wall_seconds=wall, peak_memory_mib=peak)
+
+
+def child_env(config: EncodeBenchConfig, work: Path) -> dict[str, str]:
+    """The children's environment: offline, this checkout's `ldtok` first on the path, the thread count."""
+    package_root = str(Path(ldtok.__file__).resolve().parents[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": str(work / "hf-cache"),
+           "PYTHONPATH": os.pathsep.join(p for p in [package_root, os.environ.get("PYTHONPATH")] if p)}
+    if config.threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(config.threads)
+    return env
+
+
+def _size_mib(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def ldtok_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path) -> CaseResult:
+    """`ldtok encode` on the folder `images` (`count` files) in a fresh process; shards deleted afterwards."""
+    out = work / "ldtok-shards"
+    command = [sys.executable, "-m", "ldtok.cli", "encode", "--model", model, "--out", str(out),
+               "--data-source", "folder", "--data-path", str(images), "--resolution", str(config.resolution),
+               "--batch-size", str(config.batch_size), "--samples-per-shard", str(config.samples_per_shard),
+               "--dtype", config.dtype, "--num-workers", str(config.num_workers),
+               "--cache-dir", str(work / "hf-cache"), "--no-progress"]  # fmt: skip
+    run = run_process(command, env=child_env(config, work), log_path=work / "ldtok-encode.log")
+    match = ENCODED_RE.search(run.output)
+    assert match, f"no 'encoded N samples ... img/s' line in ldtok encode's output:\n{run.output[-2000:]}"
+    encoded, skipped, rate = int(match.group(1)), int(match.group(2)), float(match.group(3))
+    assert (encoded, skipped) == (count, 0), f"ldtok encode encoded {encoded} ({skipped} skipped) of {count} images"
+    assert rate > 0, f"ldtok encode reported {rate} img/s"
+    result = CaseResult(images=encoded, images_per_s=rate, e2e_images_per_s=encoded / run.wall_seconds,
+                        seconds=encoded / rate, wall_seconds=run.wall_seconds, peak_memory_mib=run.peak_memory_mib,
+                        output_mib=_size_mib(out))  # fmt: skip
+    shutil.rmtree(out)
+    return result
+
+
+def naive_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path) -> CaseResult:
+    """The naive loop (`naive_encode`) on the folder `images` in a fresh process; its output deleted afterwards."""
+    out, result_path = work / "naive-latents.pt", work / "naive-result.json"
+    command = [sys.executable, "-m", "ldtok.benchmark_encode", "--model", model, "--images", str(images),
+               "--resolution", str(config.resolution), "--out", str(out), "--result", str(result_path)]
+    run = run_process(command, env=child_env(config, work), log_path=work / "naive.log")
+    measured = json.loads(result_path.read_text())
+    assert measured["images"] == count, f"the naive loop encoded {measured['images']} of {count} images"
+    assert config.threads is None or measured["threads"] == config.threads, (
+        f"the naive loop ran {measured['threads']} threads, not {config.threads}")
+    result = CaseResult(images=count, images_per_s=count / measured["seconds"],
+                        e2e_images_per_s=count / run.wall_seconds, seconds=measured["seconds"],
+                        wall_seconds=run.wall_seconds, peak_memory_mib=run.peak_memory_mib,
+                        output_mib=_size_mib(out))  # fmt: skip
+    out.unlink()
+    result_path.unlink()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the naive loop
+
+
+def naive_encode(*, model: str, images: str, resolution: int, out: str) -> dict:
+    """The loop users write without ldtok (module docstring), in this process.
+
+    Returns:
+        `dict` with `images` (encoded), `seconds` (the loop and the save), `device` and `threads` (torch's intra-op).
+    """
+    import diffusers
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = getattr(diffusers, model_class(model)).from_pretrained(model).to(device).eval()
+    transform = transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])  # fmt: skip
+    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    t0 = time.perf_counter()
+    latents = []
+    with torch.no_grad():
+        for path in files:
+            x = transform(Image.open(path).convert("RGB")).to(device)  # (3, R, R) in [-1, 1]
+            if isinstance(vae, diffusers.AutoencoderKL):
+                z = vae.encode(x[None]).latent_dist.sample() * vae.config.scaling_factor  # (1, C, h, w)
+            else:
+                h = vae.encode(x[None]).latents  # (1, C, h, w), before quantization
+                _, _, (_, _, indices) = vae.quantize(h)
+                z = indices.reshape(1, *h.shape[-2:])  # (h * w,) -> (1, h, w)
+            latents.append(z.cpu())
+    torch.save(torch.cat(latents), out)  # (N, C, h, w) or (N, h, w)
+    return {"images": len(latents), "seconds": time.perf_counter() - t0, "device": str(device),
+            "threads": torch.get_num_threads()}
+
+
+def _naive_main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the naive encoding loop of ldtok.benchmark_encode (one case)")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", required=True, help="image folder")
+    parser.add_argument("--resolution", type=int, required=True)
+    parser.add_argument("--out", required=True, help="where torch.save writes the latents")
+    parser.add_argument("--result", required=True, help="JSON file for the measured images and seconds")
+    args = parser.parse_args(argv)
+    result = naive_encode(model=args.model, images=args.images, resolution=args.resolution, out=args.out)
+    write_text_atomic(args.result, json.dumps(result) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+@dataclass
+class Row:
+    """One side on one model: `name` (e.g. `"ldtok encode demo-kl/final"`), `side` (`"ldtok"` or `"naive"`), its
+    result on the `1x` (`small`) and `Kx` (`large`) datasets, and `ratio`: its images/s on `Kx` over the naive
+    loop's."""
+
+    name: str
+    side: str
+    model: str
+    small: CaseResult
+    large: CaseResult
+    ratio: float
+
+    @property
+    def growth_mib(self) -> float:
+        """Peak memory on `Kx` minus on `1x`."""
+        return self.large.peak_memory_mib - self.small.peak_memory_mib
+
+    @property
+    def growth_bytes_per_image(self) -> float:
+        """`growth_mib` per image added from `1x` to `Kx`, in bytes."""
+        return self.growth_mib * 2**20 / (self.large.images - self.small.images)
+
+
+def model_label(model: str) -> str:
+    """A short name: the directory's last two path components (`runs/kl/final` -> `kl/final`)."""
+    return "/".join(Path(model).expanduser().resolve().parts[-2:])
+
+
+def run_benchmark(config: EncodeBenchConfig, *, work_dir: str | Path | None = None,
+                  log: Callable[[str], None] = lambda message: None) -> list[Row]:
+    """Measure both sides on every model at `1x` and `scale`x, in a temporary folder inside `work_dir`."""
+    files = source_images(config.source_dir)
+    N, K = config.num_images, config.scale
+    if len(files) < N:
+        raise ValueError(f"the image source has {len(files)} images, fewer than num_images={N}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ldtok-bench-encode-", dir=work_dir) as tmp:
+        work = Path(tmp)
+        sizes = {"small": (work / "images-1x", link_images(files[:N], work / "images-1x")),
+                 "large": (work / f"images-{K}x", link_images(files[:N], work / f"images-{K}x", repeats=K))}
+        for model in config.models:
+            model = str(Path(model).expanduser().resolve())
+            results: dict[str, dict[str, CaseResult]] = {"ldtok": {}, "naive": {}}
+            for size, (images, count) in sizes.items():
+                for side, case in (("ldtok", ldtok_case), ("naive", naive_case)):
+                    log(f"{model_label(model)}: {side}, {count} images ...")
+                    results[side][size] = result = case(config, model=model, images=images, count=count, work=work)
+                    log(f"  {result.images_per_s:.1f} img/s, peak {result.peak_memory_mib:.0f} MiB")
+            naive_rate = results["naive"]["large"].images_per_s
+            for side, label in (("ldtok", "ldtok encode"), ("naive", "naive loop")):
+                r = results[side]
+                rows.append(Row(name=f"{label} {model_label(model)}", side=side, model=model, small=r["small"],
+                                large=r["large"], ratio=r["large"].images_per_s / naive_rate))
+    return rows
+
+
+def format_table(rows: list[Row], *, scale: int) -> str:
+    """img/s and e2e img/s on the `scale`x dataset, the ratio to the naive loop, peak memory at 1x and `scale`x."""
+    header = ("name", "img/s", "ratio", "e2e img/s", "peak MiB 1x", f"peak MiB {scale}x", "growth MiB")
+    lines = [[r.name, f"{r.large.images_per_s:.1f}", f"{r.ratio:.2f}x", f"{r.large.e2e_images_per_s:.1f}",
+              f"{r.small.peak_memory_mib:.0f}", f"{r.large.peak_memory_mib:.0f}", f"{r.growth_mib:+.1f}"]
+             for r in rows]
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def environment() -> dict:
+    """Versions and the machine, for the JSON report (read without importing torch)."""
+    env = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": sys.platform}
+    for package in ("torch", "diffusers", "datasets", "torchvision"):
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env[package] = None
+    if hasattr(os, "getloadavg"):
+        env["load_average"] = list(os.getloadavg())  # 1, 5, 15 min, at the end: other work skews the rates
+    return env
+
+
+NOTES = [
+    "img/s: on the large dataset; ldtok: the rate `ldtok encode` prints (its encoding loop); naive: the file loop and "
+    "the final torch.save; e2e: images / wall time of the whole process",
+    "ratio: img/s over the naive loop's",
+    "peak memory: ru_maxrss of a fresh process per case (interpreter and libraries included); growth: large - 1x",
+    "ldtok encode --samples-per-shard: min(1024, 1x size) unless set, so that the 1x run already holds a full shard "
+    "buffer (ldtok's memory depends on the shard size, not on the dataset size)",
+    "naive: diffusers from_pretrained, PIL + torchvision Resize/CenterCrop, vae.encode(x[None]) in fp32 under "
+    "no_grad, latents kept in a list, torch.save(torch.cat(...)) at the end",
+]
+
+
+def write_report(path: str | Path, config: EncodeBenchConfig, rows: list[Row]) -> None:
+    """Write the rows, the config and the environment as JSON (atomically)."""
+    report = {
+        "config": asdict(config),
+        "environment": environment(),
+        "notes": NOTES,
+        "rows": [{"name": r.name, "side": r.side, "model": r.model, "ratio": r.ratio, "small": asdict(r.small),
+                  "large": asdict(r.large), "growth_mib": r.growth_mib,
+                  "growth_bytes_per_image": r.growth_bytes_per_image} for r in rows],
+    }
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+
+
+__all__ = [
+    "CaseResult", "EncodeBenchConfig", "Row", "format_table", "ldtok_case", "link_images", "naive_case",
+    "naive_encode", "run_benchmark", "run_process", "source_images", "write_report",
+]
+
+if __name__ == "__main__":
+    _naive_main()
