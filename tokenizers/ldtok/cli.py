@@ -1,4 +1,4 @@
-"""The `ldtok` command line: `ldtok info`, `ldtok keys`, and the subcommands that later modules register."""
+"""The `ldtok` command line: encode datasets into latent shards, decode and verify them, evaluate tokenizers."""
 
 from __future__ import annotations
 
