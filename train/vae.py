@@ -17,7 +17,8 @@ def main() -> None:
     except (ConfigError, AssertionError) as e:
         sys.exit(f"config error: {e}")
     if config.model.type != "kl":
-        sys.exit(f"config error: model.type: train/vae.py trains KL models, got {config.model.type!r} (use train/vq.py)")
+        sys.exit(f"config error: model.type: train/vae.py trains KL models, got {config.model.type!r} "
+                 "(use train/vq.py)")
     try:
         summary = train(config)
     except FileExistsError as e:

@@ -28,8 +28,10 @@ def main() -> None:
     if "final" in summary:  # the main process
         val = summary["validation"]
         usage = ", ".join(f"{k} {100 * v:.1f}%" for k, v in val.items() if k.startswith("codebook_usage"))
-        print(f"final model: {summary['final']}  ({'diffusers VQModel' if config.model.type == 'vqgan' else 'ldtok VQVAE2'})")
-        print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}, {usage}; reconstructions: {val.get('grid')}")
+        kind = "diffusers VQModel" if config.model.type == "vqgan" else "ldtok VQVAE2"
+        print(f"final model: {summary['final']}  ({kind})")
+        print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}, {usage}; "
+              f"reconstructions: {val.get('grid')}")
         print(f"training: {summary['images_per_s']:.1f} img/s, peak memory {summary['peak_memory_mib']:.0f} MiB")
 
 

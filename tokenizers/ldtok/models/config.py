@@ -98,6 +98,22 @@ class ModelConfig:
                 f"model.block_out_channels entry {c} is not divisible by model.norm_num_groups={self.norm_num_groups}"
             )
 
+    def diffusers_architecture(self) -> dict:
+        """The keyword arguments that diffusers' `AutoencoderKL` and `VQModel` share, from this config."""
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.in_channels,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_num_groups,
+            sample_size=self.sample_size,
+            mid_block_add_attention=self.mid_block_add_attention,
+        )
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)

@@ -25,22 +25,10 @@ def build_autoencoder_kl(config: ModelConfig) -> AutoencoderKL:
                                               "norm_num_groups") if list(np.atleast_1d(vae.config[k]))
                    != list(np.atleast_1d(getattr(config, k)))}
         if differs:
-            logger.warning("model.init_from=%s defines the architecture; these model.* keys differ and are not used: %s",
-                           config.init_from, differs)
+            logger.warning("model.init_from=%s defines the architecture; these model.* keys differ and are not "
+                           "used: %s", config.init_from, differs)
         return vae
-    n = len(config.block_out_channels)
-    return AutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        sample_size=config.sample_size,
-        mid_block_add_attention=config.mid_block_add_attention,
-    )
+    return AutoencoderKL(**config.diffusers_architecture())
 
 
 class KLAutoencoder(nn.Module):

@@ -122,18 +122,8 @@ def load_codebook_(quantizer: VectorQuantizer, table: Tensor) -> None:
 
 def build_vqmodel(config: ModelConfig, quantizer: QuantizerConfig) -> VQModel:
     """A fresh diffusers `VQModel` with `config`'s architecture and `quantizer`'s codebook shape."""
-    n = len(config.block_out_channels)
     return VQModel(
-        in_channels=config.in_channels,
-        out_channels=config.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        sample_size=config.sample_size,
-        mid_block_add_attention=config.mid_block_add_attention,
+        **config.diffusers_architecture(),
         num_vq_embeddings=quantizer.codebook_size,
         vq_embed_dim=quantizer.codebook_dim,
         lookup_from_codebook=True,

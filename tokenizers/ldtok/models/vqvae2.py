@@ -171,7 +171,8 @@ class VQVAE2(ModelMixin, ConfigMixin):
         """Images `(B, 3, H, W)` from quantized codes `(B, D_t, H/2f, W/2f)` and `(B, D_b, H/f, W/f)`."""
         # contiguous NCHW (see VQGAN.decode_codes): the same kernels whether the codes come from forward or indices
         top_up = self.upsample_top(top_codes.contiguous())  # (B, D_t, H/f, W/f)
-        latents = self.post_quant_conv(torch.cat([bottom_codes.contiguous(), top_up], dim=1))  # (B, latent_channels, H/f, W/f)
+        # (B, latent_channels, H/f, W/f)
+        latents = self.post_quant_conv(torch.cat([bottom_codes.contiguous(), top_up], dim=1))
         return self.decoder(latents)
 
     def forward(self, x: Tensor) -> AutoencoderOutput:
