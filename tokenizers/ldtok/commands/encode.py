@@ -48,6 +48,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from ldtok.commands.data_args import add_data_arguments, data_config_from_args
+
 STORED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCALING_KEYS = ("scaling_factor", "shift_factor")
@@ -95,20 +97,11 @@ class RankStream(IterableDataset):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="tokenizer directory (AutoencoderKL, VQModel or VQVAE2)")
     parser.add_argument("--out", required=True, help="shard directory (created; a rerun resumes in it)")
-    data = parser.add_argument_group("data (as `data.*` in training configs)")
-    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset"], default="default")
-    data.add_argument("--data-path", help="image folder (folder) or .tar shards glob / list (webdataset)")
-    data.add_argument("--data-name", help="HF dataset name or local dataset directory (hf)")
-    data.add_argument("--data-subset", help="HF dataset configuration name (hf)")
-    data.add_argument("--split", default="train")
-    data.add_argument("--image-column", default="image")
+    data = add_data_arguments(parser, split_default="train", split_help="split to encode", verb="encode")
     data.add_argument("--label-column", help="integer class column, stored as `label`")
     data.add_argument("--caption-column", help="text column, stored as captions")
-    data.add_argument("--streaming", action="store_true", help="stream the dataset (see the resume note above)")
-    data.add_argument("--max-samples", type=int, help="encode only the first N samples")
     data.add_argument("--on-bad-image", choices=["skip", "error"], default="skip",
                       help="skip (record the id as skipped) or stop on an undecodable image")
-    data.add_argument("--cache-dir", help="HF datasets cache directory")
     enc = parser.add_argument_group("encoding")
     enc.add_argument("--resolution", type=int, default=256, help="side of the square images fed to the encoder")
     enc.add_argument("--crop", choices=["center", "resize"], default="center",
@@ -125,19 +118,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="KL: write scaling_factor and shift_factor into the model's "
                           "config.json")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def data_config_from_args(args: argparse.Namespace):
-    """The `DataConfig` the flags describe (evaluation transform: center crop, no random flip)."""
-    from ldtok.data import DataConfig
-
-    return DataConfig(
-        source=args.data_source, path=args.data_path, name=args.data_name, subset=args.data_subset, split=args.split,
-        image_column=args.image_column, label_column=args.label_column, caption_column=args.caption_column,
-        streaming=args.streaming, resolution=args.resolution, crop="center", flip=False,
-        on_bad_image=args.on_bad_image, num_workers=args.num_workers, max_samples=args.max_samples,
-        cache_dir=args.cache_dir,
-    )  # fmt: skip
 
 
 def describe_dataset(config, num_items: int | None) -> dict:
@@ -287,7 +267,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--write-scaling-factor needs a KL model (VQ models store indices, which are not scaled)")
     stored_dtype = STORED_DTYPES[args.dtype]
 
-    config = data_config_from_args(args)
+    config = data_config_from_args(
+        args, split=args.split, resolution=args.resolution, label_column=args.label_column,
+        caption_column=args.caption_column, on_bad_image=args.on_bad_image,
+    )
     dataset = build_dataset(config, train=False)
     if args.crop == "resize":  # same decoding, ids and columns; only the pixel pipeline differs
         dataset.processor.transform = ResizeTransform(resolution=args.resolution)

@@ -26,6 +26,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ldtok.commands.data_args import add_data_arguments, data_config_from_args
 from ldtok.evaluation import PERCEPTUAL_DEFAULT
 
 DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation"}
@@ -34,20 +35,14 @@ DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="tokenizer directory (AutoencoderKL, VQModel or VQVAE2)")
     parser.add_argument("--out", required=True, help="report directory (created; files of the same name replaced)")
-    data = parser.add_argument_group("data (as `data.*` in training configs)")
-    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset"], default="default")
-    data.add_argument("--data-path", help="image folder (folder) or .tar shards glob / list (webdataset)")
-    data.add_argument("--data-name", help="HF dataset name or local dataset directory (hf)")
-    data.add_argument("--data-subset", help="HF dataset configuration name (hf)")
-    data.add_argument("--split", help="split to evaluate; default: validation (default, hf, webdataset), train for a "
-                                      "folder (HF's name for a folder without split sub-folders)")
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--streaming", action="store_true", help="stream the dataset")
-    data.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
+    data = add_data_arguments(
+        parser, split_default=None, verb="evaluate",
+        split_help="split to evaluate; default: validation (default, hf, webdataset), train for a folder (HF's name "
+                   "for a folder without split sub-folders)",
+    )
     data.add_argument("--resolution", type=int,
                       help="side of the square center crops; default 128 for the default dataset (its crop size), "
                            "else 256")
-    data.add_argument("--cache-dir", help="HF datasets cache directory")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--batch-size", type=int, default=16, help="images per forward, per process")
     ev.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
@@ -92,19 +87,6 @@ def load_feature_net(spec: str):
     return net
 
 
-def data_config_from_args(args: argparse.Namespace):
-    """The `DataConfig` the flags describe (evaluation transform: center crop, no flip)."""
-    from ldtok.data import DataConfig
-
-    resolution = args.resolution or (128 if args.data_source == "default" else 256)
-    return DataConfig(
-        source=args.data_source, path=args.data_path, name=args.data_name, subset=args.data_subset,
-        split=args.split or DEFAULT_SPLIT[args.data_source], image_column=args.image_column,
-        streaming=args.streaming, resolution=resolution, crop="center", flip=False, num_workers=args.num_workers,
-        max_samples=args.max_samples, cache_dir=args.cache_dir,
-    )  # fmt: skip
-
-
 def print_summary(result, paths: dict, file=sys.stdout) -> None:
     """The metric table and the files written, for the terminal."""
     print(f"{result.num_images} images ({len(result.skipped)} skipped), {result.num_processes} process(es), "
@@ -137,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=args.cpu)
     model_dir = Path(args.model).expanduser().resolve()
     model = load_tokenizer(str(model_dir), device=accelerator.device)
-    config = data_config_from_args(args)
+    config = data_config_from_args(
+        args, split=args.split or DEFAULT_SPLIT[args.data_source],
+        resolution=args.resolution or (128 if args.data_source == "default" else 256),
+    )
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
         dataset = build_dataset(config, train=False)
     options = EvalOptions(

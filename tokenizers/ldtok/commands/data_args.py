@@ -1,0 +1,35 @@
+"""The dataset flags that `ldtok encode` and `ldtok eval` share (the `data.*` keys of training configs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ldtok.data import DataConfig
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, split_default: str | None, split_help: str,
+                       verb: str) -> argparse._ArgumentGroup:
+    """Add `--data-source`, `--data-path`, `--data-name`, `--data-subset`, `--split`, `--image-column`,
+    `--streaming`, `--max-samples` and `--cache-dir` in a "data" group, which is returned for command-specific flags.
+    `verb` completes the help of `--max-samples` ("encode only the first N samples")."""
+    data = parser.add_argument_group("data (as `data.*` in training configs)")
+    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset"], default="default")
+    data.add_argument("--data-path", help="image folder (folder) or .tar shards glob / list (webdataset)")
+    data.add_argument("--data-name", help="HF dataset name or local dataset directory (hf)")
+    data.add_argument("--data-subset", help="HF dataset configuration name (hf)")
+    data.add_argument("--split", default=split_default, help=split_help)
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--streaming", action="store_true", help="stream the dataset")
+    data.add_argument("--max-samples", type=int, help=f"{verb} only the first N samples")
+    data.add_argument("--cache-dir", help="HF datasets cache directory")
+    return data
+
+
+def data_config_from_args(args: argparse.Namespace, *, split: str, resolution: int, **extra) -> DataConfig:
+    """The `DataConfig` the shared flags describe, with the deterministic transform (center crop, no flip);
+    `extra` sets the command-specific fields (label/caption columns, `on_bad_image`)."""
+    return DataConfig(
+        source=args.data_source, path=args.data_path, name=args.data_name, subset=args.data_subset, split=split,
+        image_column=args.image_column, streaming=args.streaming, resolution=resolution, crop="center", flip=False,
+        num_workers=args.num_workers, max_samples=args.max_samples, cache_dir=args.cache_dir, **extra,
+    )  # fmt: skip
