@@ -20,12 +20,16 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from .atomic import write_text_atomic
+from .errors import LdtokError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override does not fit the config's schema; the message names the key."""
+class ConfigError(LdtokError, ValueError):
+    """A config file or override does not fit the config's schema; the message names the key (exit code 2)."""
+
+    exit_code = 2
+    label = "config error"
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
