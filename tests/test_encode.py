@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ldtok.cli import main as ldtok
 from ldtok.data import DataConfig, build_dataset
+from ldtok.errors import LdtokError
 from ldtok.images import to_pil
 from ldtok.models import ModelConfig, build_model, load_tokenizer
 
@@ -261,7 +262,7 @@ def test_verify_detects_a_corrupted_shard(kl_shards, tmp_path):
 def test_samples_per_shard_must_be_a_multiple_of_the_batch_size(kl_model, data_dir, tmp_path):
     args = encode_args(kl_model, tmp_path / "shards", data_dir)
     args[args.index("--samples-per-shard") + 1] = "5"
-    with pytest.raises(SystemExit, match="multiple of --batch-size"):
+    with pytest.raises(LdtokError, match="multiple of --batch-size"):
         ldtok(args)
 
 
@@ -296,9 +297,9 @@ def test_streaming_encode_resumes_by_skipping(kl_shards, kl_model, data_dir, tmp
 def test_resume_with_other_settings_is_refused(kl_shards, kl_model, data_dir, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(kl_shards, copy)
-    with pytest.raises(SystemExit, match="resume with the same settings"):
+    with pytest.raises(LdtokError, match="resume with the same settings"):
         ldtok(encode_args(kl_model, copy, data_dir, "--flip", "--samples-per-shard", "2"))
-    with pytest.raises(ValueError, match="cannot resume"):  # other metadata: resolution and transforms
+    with pytest.raises(LdtokError, match="cannot resume"):  # other metadata: resolution and transforms
         ldtok(encode_args(kl_model, copy, data_dir, "--flip", "--resolution", "64"))
     assert ldtok(encode_args(kl_model, copy, data_dir, "--flip")) == 0  # same settings: nothing left to do
     assert read_shards(copy)[0]["totals"] == read_shards(kl_shards)[0]["totals"]

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import ldtok.atomic
+import ldtok.atomic as atomic
 from ldtok.cli import main as ldtok
 from ldtok.errors import LdtokError, run_cli
 from ldtok.models import ModelConfig, build_model, load_tokenizer, tokenizer_sha256
@@ -78,11 +78,14 @@ def cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit status != 0, no traceback, and the last line of stderr (progress bars of HF datasets may precede it) is
+    the one `error: ...` line, naming every needle."""
     assert code != 0, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in err, err
     for needle in needles:
-        assert needle in lines[0], (needle, err)
+        assert needle in errors[0], (needle, err)
 
 
 def latents_by_id(root: Path) -> dict[str, torch.Tensor]:
@@ -254,7 +257,7 @@ def test_verify_checks_parts_and_reports_a_damaged_index(ref_shards, tmp_path):
 # ------------------------------------------------------------------------------------------------ 12: disk full
 def test_disk_full_is_named_and_leaves_no_temp_files(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "shards"
-    real, calls = ldtok.atomic._write_and_sync, []
+    real, calls = atomic._write_and_sync, []
 
     def full_disk(f, data):
         calls.append(1)
@@ -263,11 +266,11 @@ def test_disk_full_is_named_and_leaves_no_temp_files(setup, tmp_path, capsys, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, data)
 
-    monkeypatch.setattr(ldtok.atomic, "_write_and_sync", full_disk)
+    monkeypatch.setattr(atomic, "_write_and_sync", full_disk)
     code, err = cli(args(setup["a"], out, setup["data"]), capsys)
     one_line_error(code, err, "disk full while writing", str(out / "shard-r00-00002.safetensors"))
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
-    monkeypatch.setattr(ldtok.atomic, "_write_and_sync", real)
+    monkeypatch.setattr(atomic, "_write_and_sync", real)
     assert ldtok(args(setup["a"], out, setup["data"])) == 0 and verify(out).ok
 
 
