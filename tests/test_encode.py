@@ -182,11 +182,15 @@ def test_kl_statistics_and_written_scaling_factor(kl_shards, kl_model):
     assert stats["count"] == n
     np.testing.assert_allclose(stats["channel_mean"], channel_mean.numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(stats["channel_std"], (channel_m2 / (n - 1)).sqrt().numpy(), rtol=1e-9)
-    np.testing.assert_allclose(stats["shift_factor"], mean.mean().item(), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats["scaling_factor"], 1 / global_std.item(), rtol=1e-9)
+    np.testing.assert_allclose(stats["mean"], mean.mean().item(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["std"], global_std.item(), rtol=1e-9)
+    # SD convention (the default): unit second moment of posterior samples, no shift
+    global_rms = ((mean.square().sum() + var.sum()) / mean.numel()).sqrt()
+    assert stats["convention"] == "sd" and stats["shift_factor"] is None
+    np.testing.assert_allclose(stats["scaling_factor"], 1 / global_rms.item(), rtol=1e-9)
 
     config = AutoencoderKL.from_pretrained(kl_model).config  # what a diffusers pipeline reads
-    assert config.scaling_factor == stats["scaling_factor"] and config.shift_factor == stats["shift_factor"]
+    assert config.scaling_factor == stats["scaling_factor"] and config.shift_factor is None
     assert config.latents_mean is None and config.latents_std is None  # SDXL-style pipelines would scale twice
     assert not [p.name for p in kl_model.iterdir() if p.name.startswith(".")], "temporary config file left behind"
 
@@ -213,7 +217,7 @@ def test_two_processes_store_the_same_latents(kl_shards, kl_model, data_dir, tmp
     for sample_id, ref in ref_rows.items():
         for name, t in ref.items():
             assert torch.equal(rows[sample_id][name], t), f"{sample_id} {name} differs between 1 and 2 processes"
-    for key in ("channel_mean", "channel_std", "scaling_factor", "shift_factor"):  # merged in another order
+    for key in ("channel_mean", "channel_std", "scaling_factor", "mean", "std"):  # merged in another order
         np.testing.assert_allclose(manifest["stats"][key], ref_manifest["stats"][key], rtol=1e-9, atol=1e-12)
     assert ldtok(["verify", str(out)]) == 0
 
