@@ -159,8 +159,8 @@ def ds_image(data: Path, sample_id: str) -> torch.Tensor:
 
 def test_stable_diffusion_pipeline_decodes_shard_latents_at_the_models_psnr(setup, tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
     from test_train_vae import tiny_clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     model_dir = tmp_path / "kl"
     load_tokenizer(setup["model"]).export(model_dir)

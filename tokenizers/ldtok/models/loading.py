@@ -32,19 +32,28 @@ from .config import ModelConfig
 from .export import config_sha256
 from .kl import KLAutoencoder
 
+
+class ModelDirError(LdtokError, FileNotFoundError):
+    """No model directory at the path, or one without `config.json` (a `FileNotFoundError`, as before)."""
+
+
+class NotATokenizerError(LdtokError, ValueError):
+    """A model directory of a class ldtok cannot use as a tokenizer (a `ValueError`, as before)."""
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SIDECAR_NAMES = ("ldtok.json",)  # what changes how the weights are used (e.g. l2-normalized codes)
 
 
 def _config_file(path: Path) -> Path:
     if not path.exists():
-        raise LdtokError(f"model directory {path} does not exist: give the directory of a trained tokenizer "
+        raise ModelDirError(f"model directory {path} does not exist: give the directory of a trained tokenizer "
                          "(e.g. runs/NAME/final)")
     if not path.is_dir():
-        raise LdtokError(f"{path} is a file, not a model directory (a folder with config.json and the weights)")
+        raise ModelDirError(f"{path} is a file, not a model directory (a folder with config.json and the weights)")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise LdtokError(f"{path} has no config.json: not a model directory (give the folder that holds "
+        raise ModelDirError(f"{path} has no config.json: not a model directory (give the folder that holds "
                          "config.json and the weights, e.g. runs/NAME/final)")
     return config_file
 
@@ -122,6 +131,6 @@ def _load(path: Path, config: dict, config_file: Path) -> nn.Module:
 
         model = VQVAE2Autoencoder(vqvae2=VQVAE2.from_pretrained(path))
     else:
-        raise LdtokError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
+        raise NotATokenizerError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
                          "(AutoencoderKL, VQModel or VQVAE2)")
     return model
