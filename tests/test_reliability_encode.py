@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import ldtok.atomic as atomic
 from ldtok.cli import main as ldtok
 from ldtok.errors import LdtokError, run_cli
 from ldtok.models import ModelConfig, build_model, load_tokenizer, tokenizer_sha256
@@ -257,20 +256,18 @@ def test_verify_checks_parts_and_reports_a_damaged_index(ref_shards, tmp_path):
 # ------------------------------------------------------------------------------------------------ 12: disk full
 def test_disk_full_is_named_and_leaves_no_temp_files(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "shards"
-    real, calls = atomic._write_and_sync, []
+    real_fsync = os.fsync
 
-    def full_disk(f, data):
-        calls.append(1)
-        if len(calls) == 5:  # the third shard (parts are written after each shard)
-            f.write(data[: len(data) // 2])
+    def full_disk(fd):  # the disk fills up while the third shard is flushed to its temporary file
+        if "shard-r00-00002.safetensors.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(f, data)
+        real_fsync(fd)
 
-    monkeypatch.setattr(atomic, "_write_and_sync", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     code, err = cli(args(setup["a"], out, setup["data"]), capsys)
     one_line_error(code, err, "disk full while writing", str(out / "shard-r00-00002.safetensors"))
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
-    monkeypatch.setattr(atomic, "_write_and_sync", real)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert ldtok(args(setup["a"], out, setup["data"])) == 0 and verify(out).ok
 
 
