@@ -101,9 +101,9 @@ def check_same_model(model, model_dir: Path, manifest: dict, shard_dir: Path, *,
         problems.append(f"its architecture (config sha256 {model.config_sha256()[:12]}) differs from the encoder's "
                         f"({expected[:12]})")  # fmt: skip
     expected = meta.get("model_sha256")
-    if not problems and expected and tokenizer_sha256(model_dir) != expected:
-        problems.append(f"its weights differ (model sha256 {tokenizer_sha256(model_dir)[:12]}, the encoder's "
-                        f"{expected[:12]})")  # fmt: skip
+    found = tokenizer_sha256(model_dir) if not problems and expected else None
+    if found is not None and found != expected:
+        problems.append(f"its weights differ (model sha256 {found[:12]}, the encoder's {expected[:12]})")
     if not problems:
         return
     message = (f"{model_dir} is not the model {shard_dir} was encoded with ({recorded.get('path', 'path unknown')}): "

@@ -121,7 +121,8 @@ def _part_problems(out_dir: Path, shards: list[dict]) -> list[str]:
         except DamagedPartError as e:
             problems.append(f"{p.name}: damaged ({str(e).removeprefix(str(p) + ': ')}): rerun the encode command")
             continue
-        listed = [s.get("file") for s in part["shards"]]
+        shards_of_part = part["shards"] if isinstance(part["shards"], list) else []
+        listed = [s.get("file") if isinstance(s, dict) else None for s in shards_of_part]
         indexed = [s["file"] for s in shards if s["rank"] == rank]
         if listed != indexed:
             problems.append(f"{p.name}: lists other shards than index.json for rank {rank}")
