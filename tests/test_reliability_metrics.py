@@ -90,6 +90,16 @@ def test_verify_reports_non_finite_latents(setup, tmp_path):
     assert any("shard-r00-00001.safetensors" in p and "3 non-finite" in p for p in report.problems), report.problems
 
 
+def test_encode_refuses_non_finite_latents(setup, tmp_path):
+    model = load_tokenizer(setup["model"])
+    with torch.no_grad():
+        model.vae.quant_conv.bias.fill_(float("nan"))
+    model.export(tmp_path / "nan")
+    with pytest.raises(LdtokError, match=r"non-finite mean .* 2 of 2 images .*'img0.png'"):
+        ldtok(encode(tmp_path / "nan", tmp_path / "shards", setup["data"]))
+    assert not list((tmp_path / "shards").glob("shard-*"))
+
+
 def test_report_json_is_valid_with_non_finite_numbers(tmp_path):
     result = EvalResult(kind="kl", num_images=1, skipped=[], num_processes=1,
                         metrics=[Metric(key="val/psnr", label="PSNR", value=float("nan"), detail="per image"),
