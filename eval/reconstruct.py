@@ -8,9 +8,9 @@ Flags: `python eval/reconstruct.py --help`.
 """
 
 import argparse
-import sys
 
 from ldtok.commands import eval as eval_command
+from ldtok.errors import run_cli
 
 
 def main() -> int:
@@ -21,4 +21,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)  # one-line errors, exit status; --debug / LDTOK_DEBUG=1 for the traceback

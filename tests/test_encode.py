@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ldtok.cli import main as ldtok
 from ldtok.data import DataConfig, build_dataset
+from ldtok.errors import LdtokError
 from ldtok.images import to_pil
 from ldtok.models import ModelConfig, build_model, load_tokenizer
 
@@ -181,11 +182,15 @@ def test_kl_statistics_and_written_scaling_factor(kl_shards, kl_model):
     assert stats["count"] == n
     np.testing.assert_allclose(stats["channel_mean"], channel_mean.numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(stats["channel_std"], (channel_m2 / (n - 1)).sqrt().numpy(), rtol=1e-9)
-    np.testing.assert_allclose(stats["shift_factor"], mean.mean().item(), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats["scaling_factor"], 1 / global_std.item(), rtol=1e-9)
+    np.testing.assert_allclose(stats["mean"], mean.mean().item(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["std"], global_std.item(), rtol=1e-9)
+    # SD convention (the default): unit second moment of posterior samples, no shift
+    global_rms = ((mean.square().sum() + var.sum()) / mean.numel()).sqrt()
+    assert stats["convention"] == "sd" and stats["shift_factor"] is None
+    np.testing.assert_allclose(stats["scaling_factor"], 1 / global_rms.item(), rtol=1e-9)
 
     config = AutoencoderKL.from_pretrained(kl_model).config  # what a diffusers pipeline reads
-    assert config.scaling_factor == stats["scaling_factor"] and config.shift_factor == stats["shift_factor"]
+    assert config.scaling_factor == stats["scaling_factor"] and config.shift_factor is None
     assert config.latents_mean is None and config.latents_std is None  # SDXL-style pipelines would scale twice
     assert not [p.name for p in kl_model.iterdir() if p.name.startswith(".")], "temporary config file left behind"
 
@@ -212,7 +217,7 @@ def test_two_processes_store_the_same_latents(kl_shards, kl_model, data_dir, tmp
     for sample_id, ref in ref_rows.items():
         for name, t in ref.items():
             assert torch.equal(rows[sample_id][name], t), f"{sample_id} {name} differs between 1 and 2 processes"
-    for key in ("channel_mean", "channel_std", "scaling_factor", "shift_factor"):  # merged in another order
+    for key in ("channel_mean", "channel_std", "scaling_factor", "mean", "std"):  # merged in another order
         np.testing.assert_allclose(manifest["stats"][key], ref_manifest["stats"][key], rtol=1e-9, atol=1e-12)
     assert ldtok(["verify", str(out)]) == 0
 
@@ -261,7 +266,7 @@ def test_verify_detects_a_corrupted_shard(kl_shards, tmp_path):
 def test_samples_per_shard_must_be_a_multiple_of_the_batch_size(kl_model, data_dir, tmp_path):
     args = encode_args(kl_model, tmp_path / "shards", data_dir)
     args[args.index("--samples-per-shard") + 1] = "5"
-    with pytest.raises(SystemExit, match="multiple of --batch-size"):
+    with pytest.raises(LdtokError, match="multiple of --batch-size"):
         ldtok(args)
 
 
@@ -296,9 +301,9 @@ def test_streaming_encode_resumes_by_skipping(kl_shards, kl_model, data_dir, tmp
 def test_resume_with_other_settings_is_refused(kl_shards, kl_model, data_dir, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(kl_shards, copy)
-    with pytest.raises(SystemExit, match="resume with the same settings"):
+    with pytest.raises(LdtokError, match="resume with the same settings"):
         ldtok(encode_args(kl_model, copy, data_dir, "--flip", "--samples-per-shard", "2"))
-    with pytest.raises(ValueError, match="cannot resume"):  # other metadata: resolution and transforms
+    with pytest.raises(LdtokError, match="cannot resume"):  # other metadata: resolution and transforms
         ldtok(encode_args(kl_model, copy, data_dir, "--flip", "--resolution", "64"))
     assert ldtok(encode_args(kl_model, copy, data_dir, "--flip")) == 0  # same settings: nothing left to do
     assert read_shards(copy)[0]["totals"] == read_shards(kl_shards)[0]["totals"]

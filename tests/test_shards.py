@@ -27,6 +27,7 @@ from ldtok.shards import (
     verify,
     write_manifest,
 )
+from ldtok.shards.manifest import part_checksum
 
 N, C, H, W = 22, 4, 4, 4
 META = {"model_config_sha256": "cafe" * 16, "resolution": "32", "transforms": json.dumps({"center_crop": True})}
@@ -137,19 +138,20 @@ def test_kl_two_ranks_manifest_and_exact_means(tmp_path):
         seen.append(k)
     assert sorted(seen) == list(range(N))
 
-    # defaults come from the manifest stats: the posterior moments of all latents
+    # defaults come from the manifest stats: the posterior moments of all latents, SD convention (no shift)
     stats = manifest["stats"]
+    assert stats["convention"] == "sd" and stats["shift_factor"] is None
     ds = LatentShardDataset(tmp_path, sample_posterior=False)
     scaled = ds[0]["latents"]
     k = int(ds[0]["id"][3:])
-    expected = (data["mean"][k].float() - stats["shift_factor"]) * stats["scaling_factor"]
+    expected = data["mean"][k].float() * stats["scaling_factor"]
     torch.testing.assert_close(scaled, expected)
 
     # the streaming reader yields the same items (no shuffle, one process: rank 0's shards, then rank 1's)
     streamed = list(LatentShardIterable(tmp_path, shuffle=False, sample_posterior=False))
     assert [item["id"] for item in streamed] == [ds[i]["id"] for i in range(len(ds))]
     for item in streamed:
-        expected = (data["mean"][int(item["id"][3:])].float() - stats["shift_factor"]) * stats["scaling_factor"]
+        expected = data["mean"][int(item["id"][3:])].float() * stats["scaling_factor"]
         torch.testing.assert_close(item["latents"], expected)
 
 
@@ -163,7 +165,9 @@ def test_manifest_stats_are_posterior_moments_of_whole_set(tmp_path):
     assert stats["count"] == N * H * W
     assert stats["mean"] == pytest.approx(mu.item(), rel=1e-9)
     assert stats["std"] ** 2 * (n_total - 1) / n_total == pytest.approx(var.item(), rel=1e-9)
-    assert stats["scaling_factor"] == pytest.approx(1 / stats["std"]) and stats["shift_factor"] == stats["mean"]
+    # SD convention: unit second moment, no shift
+    assert stats["scaling_factor"] == pytest.approx(1 / stats["rms"]) and stats["shift_factor"] is None
+    assert stats["rms"] ** 2 == pytest.approx(var.item() + mu.item() ** 2, rel=1e-9)
     channel_mean = m.mean(dim=(0, 2, 3))
     assert stats["channel_mean"] == pytest.approx(channel_mean.tolist(), rel=1e-9)
 
@@ -307,6 +311,7 @@ def test_resume_after_crash_mid_shard(tmp_path):
     part = json.loads(part_path.read_text())
     assert [s["file"] for s in part["shards"]] == ["shard-r00-00000.safetensors", "shard-r00-00001.safetensors"]
     part["shards"] = part["shards"][:1]
+    part["checksum"] = part_checksum(part)  # what the writer would have written after shard 0
     part_path.write_text(json.dumps(part))
     (tmp_path / ".shard-r00-00002.safetensors.tmp-99999").write_bytes(b"\x00" * 100)
     (tmp_path / ".part-r00.json.tmp-99999").write_text("{")
@@ -417,8 +422,12 @@ def test_channel_stats_match_direct_computation_and_merge():
     assert r["channel_std"] == pytest.approx(per_channel.std(1).tolist(), rel=1e-10)
     assert r["mean"] == pytest.approx(x64.mean().item(), rel=1e-12)
     assert r["std"] == pytest.approx(x64.std().item(), rel=1e-10)
-    assert r["scaling_factor"] == pytest.approx(1 / x64.std().item(), rel=1e-10)
-    assert r["scaling_factor_unshifted"] == pytest.approx(1 / x64.square().mean().sqrt().item(), rel=1e-10)
+    rms = x64.square().mean().sqrt().item()
+    assert r["scaling_factor"] == pytest.approx(1 / rms, rel=1e-10) and r["shift_factor"] is None  # SD: no shift
+    assert r["scaling_factor_unshifted"] == pytest.approx(1 / rms, rel=1e-10)
+    sd3 = whole.result(convention="sd3")
+    assert sd3["scaling_factor"] == pytest.approx(1 / x64.std().item(), rel=1e-10)
+    assert sd3["shift_factor"] == pytest.approx(x64.mean().item(), rel=1e-12)
 
     a, b = ChannelStats(num_channels=3), ChannelStats(num_channels=3)
     a.update(x[:4])

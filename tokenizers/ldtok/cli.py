@@ -1,4 +1,8 @@
-"""The `ldtok` command line: encode datasets into latent shards, decode and verify them, evaluate tokenizers."""
+"""The `ldtok` command line: encode datasets into latent shards, decode and verify them, evaluate tokenizers.
+
+Every subcommand runs through `ldtok.errors.run_cli`: a failure the user can fix is one line (`error: ...`) and a
+non-zero exit status, no traceback; `--debug` (or `LDTOK_DEBUG=1`) shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,24 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ldtok", description=__doc__)
+    """The `ldtok` console script.
+
+    Without `argv` (the console script, `python -m ldtok.cli`) the command line runs through `run_cli`: one-line
+    errors and an exit status (`SystemExit`). With `argv` (a program or a test) it returns the subcommand's exit
+    status and failures raise (`LdtokError` for those a user can fix).
+    """
+    if argv is None:
+        from ldtok.errors import run_cli
+
+        run_cli(lambda: _main(sys.argv[1:]))
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ldtok", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (as LDTOK_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, which perceptual networks work offline").set_defaults(func=_info)
     sub.add_parser("keys", help="every training config key with its type and default").set_defaults(func=_keys)
@@ -59,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

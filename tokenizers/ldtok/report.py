@@ -37,8 +37,15 @@ STYLE = (
 
 
 def _finite_or_none(v: Any) -> Any:
-    """JSON has no infinity: `+inf` (PSNR of an exact reconstruction) becomes `null`."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+    """JSON has no infinity or NaN: `+inf` (PSNR of an exact reconstruction), NaN or `-inf` become `null`, in nested
+    dicts, lists and tuples too (what `report.json` holds must parse everywhere: `allow_nan=False`)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
 
 
 def environment() -> dict[str, str]:
@@ -58,7 +65,7 @@ def environment() -> dict[str, str]:
 
 def report_dict(result: EvalResult, *, model: dict[str, Any], dataset: dict[str, Any], files: dict[str, str]) -> dict:
     """The content of `report.json` (see `write_report`)."""
-    return {
+    return _finite_or_none({
         **environment(),
         "model": model,
         "dataset": dataset,
@@ -66,7 +73,7 @@ def report_dict(result: EvalResult, *, model: dict[str, Any], dataset: dict[str,
         "num_processes": result.num_processes,
         "skipped": result.skipped,
         "psnr_cap": PSNR_CAP,
-        "metrics": {m.key: m.value for m in result.metrics if m.value is not None},
+        "metrics": {m.key: m.value for m in result.metrics if m.value is not None},  # NaN / inf: null
         "not_run": {m.key: m.detail.removeprefix("not run: ") for m in result.metrics if m.value is None},
         "metric_details": [asdict(m) for m in result.metrics],
         "feature_net": result.feature_net,
@@ -77,8 +84,8 @@ def report_dict(result: EvalResult, *, model: dict[str, Any], dataset: dict[str,
         "pictures": {name: {"file": files[name], "caption": p.caption} for name, p in result.pictures.items()},
         "per_image_csv": files["per_image"],
         "per_image_sorted_by": "mse, highest first (ties by id); psnr null = exact reconstruction (+inf)",
-        "per_image": [{k: _finite_or_none(v) for k, v in row.items()} for row in result.per_image],
-    }
+        "per_image": result.per_image,
+    })
 
 
 def write_per_image_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -153,7 +160,7 @@ def render_html(report: dict, result: EvalResult, pngs: dict[str, bytes]) -> str
         if m.value is None:
             cell = '<td class="value not-run">not run</td>'
         else:
-            cell = f'<td class="value" data-value="{json.dumps(m.value)}">{e(_fmt(m.value))}</td>'
+            cell = f'<td class="value" data-value="{json.dumps(_finite_or_none(m.value))}">{e(_fmt(m.value))}</td>'
         parts.append(f'<tr data-key="{e(m.key)}"><td>{e(m.label)}</td><td>{e(m.key)}</td>{cell}'
                      f"<td>{e(m.detail)}</td></tr>")
     parts.append("</table>")
@@ -162,7 +169,8 @@ def render_html(report: dict, result: EvalResult, pngs: dict[str, bytes]) -> str
                   '<table class="kl"><tr><th>channel</th><th>KL (nats per image)</th><th>collapsed</th></tr>']
         for c, v in enumerate(result.kl_per_channel):
             flag = "yes" if c in (result.collapsed_channels or []) else ""
-            parts.append(f'<tr><td>{c}</td><td class="value" data-value="{json.dumps(v)}">{e(_fmt(v))}</td>'
+            value = json.dumps(_finite_or_none(v))
+            parts.append(f'<tr><td>{c}</td><td class="value" data-value="{value}">{e(_fmt(v))}</td>'
                          f"<td>{flag}</td></tr>")
         parts.append("</table>")
     if result.codebook:

@@ -1,4 +1,5 @@
-"""Validation during training: reconstruction metrics on a fixed set of images, and latent-scale calibration."""
+"""Validation during training: reconstruction metrics on a fixed set of images, and latent-scale calibration (the
+scaling convention of `ldtok.shards.stats`, written as `ldtok encode --write-scaling-factor` writes it)."""
 
 from __future__ import annotations
 
@@ -42,20 +43,34 @@ def validate(model: nn.Module, images: Tensor, *, device, autocast=contextlib.nu
 
 
 @torch.no_grad()
-def calibrate_latent_scale(model: nn.Module, images: Tensor, *, device, batch_size: int = 16) -> dict | None:
-    """Measure the std of a KL model's latents (posterior samples, as Stable Diffusion did) on `images` and store
-    `scaling_factor = 1 / std` in the model's diffusers config, so pipelines scale our latents to unit variance.
-    Returns the statistics, or `None` for models without a continuous latent space."""
+def calibrate_latent_scale(model: nn.Module, images: Tensor, *, device, batch_size: int = 16,
+                           convention: str = "sd") -> dict | None:  # fmt: skip
+    """Measure a KL model's latent scale on `images` and store it in the model's diffusers config, the same way
+    `ldtok encode --write-scaling-factor` does (the expected moments of posterior samples, `ChannelStats`).
+
+    Under the default `"sd"` convention (what `StableDiffusionPipeline` expects: `latents = z * scaling_factor`)
+    `scaling_factor = 1 / sqrt(E[z^2])` and no `shift_factor` is written; under `"sd3"` (SD3 / Flux:
+    `(z - shift_factor) * scaling_factor`) `shift_factor` = mean and `scaling_factor` = 1 / std.
+
+    Returns:
+        The statistics (`scaling_factor`, `shift_factor`, `convention`, `latent_mean`, `latent_std`, `latent_rms`,
+        `num_images`), or `None` for models without a continuous latent space.
+    """
+    from .shards.stats import ChannelStats
+
     if not hasattr(model, "set_latent_statistics"):
         return None
     was_training = model.training
     model.eval()
-    latents = torch.cat([
-        model.encode_latents(images[s : s + batch_size].to(device), sample=True).float().cpu()
-        for s in range(0, images.shape[0], batch_size)
-    ])  # (N, C, h, w)
+    stats = None
+    for s in range(0, images.shape[0], batch_size):
+        posterior = model.encode_posterior(images[s : s + batch_size].to(device))
+        if stats is None:
+            stats = ChannelStats(num_channels=posterior.mean.shape[1])
+        stats.update_gaussian(posterior.mean.float(), posterior.logvar.float())  # (b, C, h, w) each
     model.train(was_training)
-    std = float(latents.std())
-    model.set_latent_statistics(scaling_factor=1.0 / std)
-    return {"scaling_factor": 1.0 / std, "latent_std": std, "latent_mean": float(latents.mean()),
-            "num_images": int(images.shape[0])}
+    result = stats.result(convention=convention)
+    model.set_latent_statistics(scaling_factor=result["scaling_factor"], shift_factor=result["shift_factor"])
+    return {"scaling_factor": result["scaling_factor"], "shift_factor": result["shift_factor"],
+            "convention": convention, "latent_std": result["std"], "latent_mean": result["mean"],
+            "latent_rms": result["rms"], "num_images": int(images.shape[0])}

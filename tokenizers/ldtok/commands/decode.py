@@ -8,6 +8,10 @@ a file),
 `decoded.json` (sample id -> file name) and, with `--grid`, `grid.png` of the first `--grid-size` images. KL shards
 decode the stored posterior mean (the model's own reconstruction), or a posterior sample with `--sample`; VQ shards
 decode their indices. Every file is written atomically.
+
+The model must be the one the shards were encoded with: another architecture, or the same architecture with other
+weights (`tokenizer_sha256`, recorded in `index.json`), is refused with exit status 1 unless `--force` (then a
+warning). So is a model whose downsampling factor does not divide the shards' resolution.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ldtok.errors import LdtokError
+from ldtok.models.shapes import check_resolution
 
 SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -50,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flipped", action="store_true", help="decode the stored *_flip latents (files *-flip.png)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--force", action="store_true",
+                        help="decode with a model other than the one the shards were encoded with (a warning only)")
 
 
 def _grid(images: list[Tensor], *, columns: int = 8):
@@ -78,6 +87,32 @@ def decode_rows(model, rows: dict[str, Tensor], *, kind: str, sample: bool, gene
     return model.decode_indices(rows["indices_top"].long().to(device), rows["indices_bottom"].long().to(device))
 
 
+def check_same_model(model, model_dir: Path, manifest: dict, shard_dir: Path, *, force: bool) -> None:
+    """Refuse (or with `force`, warn about) a model other than the one that encoded the shards."""
+    from ldtok.models import tokenizer_sha256
+
+    recorded = manifest.get("model") or {}
+    meta = manifest["metadata"]
+    problems = []
+    if model.kind != manifest["kind"]:
+        problems.append(f"it is a {model.kind!r} model and the shards hold {manifest['kind']!r} latents")
+    expected = meta.get("model_config_sha256")
+    if expected and model.config_sha256() != expected:
+        problems.append(f"its architecture (config sha256 {model.config_sha256()[:12]}) differs from the encoder's "
+                        f"({expected[:12]})")  # fmt: skip
+    expected = meta.get("model_sha256")
+    found = tokenizer_sha256(model_dir) if not problems and expected else None
+    if found is not None and found != expected:
+        problems.append(f"its weights differ (model sha256 {found[:12]}, the encoder's {expected[:12]})")
+    if not problems:
+        return
+    message = (f"{model_dir} is not the model {shard_dir} was encoded with ({recorded.get('path', 'path unknown')}): "
+               f"{'; '.join(problems)}")  # fmt: skip
+    if not force or model.kind != manifest["kind"]:
+        raise LdtokError(message + ("" if model.kind != manifest["kind"] else "; pass --force to decode anyway"))
+    print(f"warning: {message}; decoding anyway (--force)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
@@ -85,25 +120,32 @@ def run(args: argparse.Namespace) -> int:
     from ldtok.models import load_tokenizer
     from ldtok.shards import KIND_FIELDS, load_manifest
     from ldtok.shards.manifest import atomic_write_json
+    from ldtok.shards.verify import index_problems
 
     shard_dir, out_dir = Path(args.shards), Path(args.out)
-    manifest = load_manifest(shard_dir)
+    try:
+        manifest = load_manifest(shard_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise LdtokError(f"{shard_dir}: cannot read index.json ({e}); is it a shard directory from `ldtok encode`?"
+                         ) from None  # fmt: skip
+    problems = index_problems(manifest)
+    if problems:
+        raise LdtokError(f"{shard_dir}: {problems[0]}")
     kind = manifest["kind"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_tokenizer(args.model, device=device)
-    if model.kind != kind:
-        raise SystemExit(f"{args.model} is a {model.kind!r} model but {shard_dir} holds {kind!r} shards")
-    expected = manifest["metadata"].get("model_config_sha256")
-    if expected and model.config_sha256() != expected:
-        print(f"warning: {args.model} has config sha256 {model.config_sha256()}, the shards were encoded with a model "
-              f"of config sha256 {expected}", file=sys.stderr)  # fmt: skip
+    model_dir = Path(args.model).expanduser().resolve()
+    model = load_tokenizer(model_dir, device=device)
+    check_same_model(model, model_dir, manifest, shard_dir, force=args.force)
+    resolution = manifest["metadata"].get("resolution")
+    if resolution is not None:
+        check_resolution(int(resolution), model.downsample_factor, what=f"the shards' resolution ({shard_dir})")
     names = list(KIND_FIELDS[kind])
     if kind == "kl" and not args.sample:
         names = ["mean"]
     suffix = "_flip" if args.flipped else ""
     missing = [n + suffix for n in names if n + suffix not in (manifest["fields"] or {})]
     if missing:
-        raise SystemExit(f"{shard_dir} stores no {missing}")
+        raise LdtokError(f"{shard_dir} stores no {missing}")
 
     generator = torch.Generator().manual_seed(args.seed) if args.sample else None
     limit = args.limit if args.limit is not None else manifest["totals"]["num_samples"]

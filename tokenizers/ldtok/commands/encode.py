@@ -15,17 +15,24 @@ What is stored per sample (see `ldtok.shards`): KL: the posterior's `mean` and `
 sample id always, `label` / caption when `--label-column` / `--caption-column` are given; with `--flip` the same
 fields of the horizontally flipped image as `*_flip`. Latents are unscaled: the scale and shift are in `index.json`.
 
-Resuming: rank `r` of `W` encodes dataset items `r, r + W, ...` in that order and `ShardWriter` finds which of its
-shards are complete, so rerunning the same command after a crash or `kill -9` redoes only the unfinished shards (the
-same number of processes and the same `--samples-per-shard`, data and model flags are required; `--batch-size` and
-`--num-workers` may change). Exact resume needs a map-style dataset. With `--streaming` every rank reads the whole
-stream and keeps its own rows (`index % W == r`), skipping those already in complete shards: exact only if the stream
-yields rows in the same order every time (true for local files and HF streaming without shuffling), and the skipped
-rows are still downloaded; streaming uses at most one DataLoader worker, which keeps the order.
+Resuming: every shard records the model's `tokenizer_sha256` (weights and architecture); a directory written by
+another model (or another checkpoint of the same architecture) is refused with a message naming both, and
+`--overwrite` removes the old shards to start afresh. Rank `r` of `W` encodes dataset items `r, r + W, ...` in that
+order and `ShardWriter` finds which of its shards are complete, so rerunning the same command after a crash or
+`kill -9` redoes only the unfinished shards (the same number of processes and the same `--samples-per-shard`, data
+and model flags are required; `--batch-size` and `--num-workers` may change). A rerun hashes the complete shards: one
+that does not match its checksum (damaged on disk) is re-encoded, with the rank's later shards. Exact resume needs a
+map-style dataset. With `--streaming` every rank reads the whole stream and keeps its own rows (`index % W == r`),
+skipping those already in complete shards: exact only if the stream yields rows in the same order every time (true
+for local files and HF streaming without shuffling), and the skipped rows are still downloaded; streaming uses at
+most one DataLoader worker, which keeps the order.
 
 At the end the main process writes `index.json` with the dataset-wide latent statistics (KL: per channel, from the
-posterior moments; VQ: code usage) and, with `--write-scaling-factor`, writes `scaling_factor` and `shift_factor`
-into the KL model's `config.json`, where diffusers pipelines read them. The per-channel mean/std stay in the manifest
+posterior moments; VQ: code usage) and, with `--write-scaling-factor`, writes them into the KL model's `config.json`,
+where diffusers pipelines read them, in the convention of `--latent-convention`: `sd` (default; Stable Diffusion
+1.x/2.x/XL pipelines, `latents = z * scaling_factor`): `scaling_factor` = 1 / sqrt(E[z^2]) and no `shift_factor`;
+`sd3` (SD3 / Flux, `latents = (z - shift_factor) * scaling_factor`): `shift_factor` = mean, `scaling_factor` = 1 / std.
+The shard readers apply the same convention. The per-channel mean/std stay in the manifest
 only: SDXL-style pipelines combine `latents_mean`/`latents_std` *with* `scaling_factor`, so writing both would scale
 twice.
 """
@@ -48,11 +55,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from ldtok.commands.data_args import add_data_arguments, data_config_from_args
+from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error, data_config_from_args
+from ldtok.commands.encode_resume import check_existing_run, remove_encoded_files
+from ldtok.errors import LdtokError
+from ldtok.models.shapes import check_resolution
 
 STORED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCALING_KEYS = ("scaling_factor", "shift_factor")
+LATENT_CONVENTIONS = ("sd", "sd3")
 
 
 class ResizeTransform:
@@ -115,8 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="items per shard; a multiple of --batch-size")
     enc.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     enc.add_argument("--write-scaling-factor", action="store_true",
-                     help="KL: write scaling_factor and shift_factor into the model's "
-                          "config.json")
+                     help="KL: write the latent scale into the model's config.json (see --latent-convention)")
+    enc.add_argument("--latent-convention", choices=LATENT_CONVENTIONS, default="sd",
+                     help="sd: scaling_factor = 1/sqrt(E[z^2]), no shift_factor (StableDiffusionPipeline: latents = "
+                          "z * scaling_factor); sd3: shift_factor = mean, scaling_factor = 1/std (SD3/Flux: latents = "
+                          "(z - shift_factor) * scaling_factor). index.json and the shard readers follow it")
+    enc.add_argument("--overwrite", action="store_true",
+                     help="remove the shards, parts and index.json already in --out (of any model) and start afresh")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -191,47 +207,32 @@ def code_usage(out_dir: Path, *, world_size: int, fields: list[str], codebook_si
 
 
 def write_latent_statistics(model_dir: Path, stats: dict) -> dict:
-    """Write the manifest's KL statistics into a diffusers `AutoencoderKL` `config.json`, atomically.
+    """Write the manifest's KL scale into a diffusers `AutoencoderKL` `config.json`, atomically.
 
-    Sets `scaling_factor` (1 / std) and `shift_factor` (mean), so that pipelines compute
-    `(z - shift_factor) * scaling_factor` (SD 1.x/2.x pipelines ignore the shift and use `z * scaling_factor`).
+    Writes `scaling_factor` and `shift_factor` as `stats` states them for its `convention` (`ChannelStats.result`):
+    `sd`: 1 / RMS and `None` (diffusers' default, which SD pipelines ignore anyway); `sd3`: 1 / std and the mean.
     Returns the values written.
     """
-    from ldtok.shards.manifest import atomic_write_bytes
+    from ldtok.atomic import write_bytes_atomic
 
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
     if config.get("_class_name") != "AutoencoderKL":
-        raise ValueError(f"{path} is a {config.get('_class_name')!r} config, not AutoencoderKL's")
-    values = {
-        "scaling_factor": stats["scaling_factor"],
-        "shift_factor": stats["shift_factor"],
-    }
+        raise LdtokError(f"{path} is a {config.get('_class_name')!r} config, not AutoencoderKL's")
+    values = {key: stats[key] for key in SCALING_KEYS}
     config.update(values)
-    atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())  # diffusers' format
+    write_bytes_atomic(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())  # diffusers' format
     return values
 
 
-def check_existing_run(out_dir: Path, *, world_size: int, samples_per_shard: int) -> None:
-    """Refuse, on every rank and before anything is written, to resume shards of a run with another split.
-
-    (`ShardWriter` checks its own rank's shards; this also catches ranks that exist only in the old run or only in the
-    new one, which would otherwise start writing next to shards they can never be merged with.)
-    """
-    from ldtok.shards import ShardWriter
-    from ldtok.shards.manifest import PART_RE, SHARD_RE
-
-    if not out_dir.is_dir():
-        return
-    ranks = {int(m.group(1)) for p in out_dir.iterdir() if (m := PART_RE.match(p.name) or SHARD_RE.match(p.name))}
-    for r in sorted(ranks):
-        config = ShardWriter.completed(out_dir, r).config
-        found = (config["world_size"], config["samples_per_shard"]) if config else None
-        if r >= world_size or (found and found != (world_size, samples_per_shard)):
-            raise SystemExit(
-                f"{out_dir} holds shards of rank {r} written with (world_size, samples_per_shard) = {found}; this run "
-                f"has ({world_size}, {samples_per_shard}): resume with the same settings, or use a new --out"
-            )
+def check_finite(fields: dict[str, Tensor], ids: list[str], *, model_dir: Path) -> None:
+    """Refuse to store non-finite latents (a diverged model): nothing of the batch is written."""
+    for name, t in fields.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            rows = (~torch.isfinite(t)).flatten(1).any(dim=1)  # (n,)
+            raise LdtokError(f"{model_dir} gives non-finite {name} (NaN/inf) for {int(rows.sum())} of {len(ids)} "
+                             f"images of this batch (first: {ids[int(rows.nonzero()[0])]!r}): the model diverged? "
+                             "nothing of this batch was written")
 
 
 def _all_reduce(values: list[float], *, op: str, device: torch.device) -> list[float]:
@@ -248,30 +249,33 @@ def run(args: argparse.Namespace) -> int:
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    from ldtok.data import build_dataset, collate
+    from ldtok.data import collate
     from ldtok.meters import peak_memory_mib
-    from ldtok.models import load_tokenizer
+    from ldtok.models import load_tokenizer, tokenizer_sha256
     from ldtok.shards import KIND_FIELDS, ShardWriter, write_manifest
 
     B, S = args.batch_size, args.samples_per_shard
     if B < 1 or S < 1 or S % B:
-        raise SystemExit(f"--samples-per-shard ({S}) must be a positive multiple of --batch-size ({B})")
+        raise LdtokError(f"--samples-per-shard ({S}) must be a positive multiple of --batch-size ({B})", exit_code=2)
     # accelerate's PartialState() ignores ACCELERATE_USE_CPU and, without CUDA, sees torchrun's ranks as one process
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     rank, world_size, device = state.process_index, state.num_processes, state.device
     out_dir, model_dir = Path(args.out), Path(args.model).expanduser().resolve()
 
     model = load_tokenizer(str(model_dir), device=device)
+    model_sha256 = tokenizer_sha256(model_dir)
     kind = model.kind
+    check_resolution(args.resolution, model.downsample_factor)
     if args.write_scaling_factor and kind != "kl":
-        raise SystemExit("--write-scaling-factor needs a KL model (VQ models store indices, which are not scaled)")
+        raise LdtokError("--write-scaling-factor needs a KL model (VQ models store indices, which are not scaled)",
+                         exit_code=2)
     stored_dtype = STORED_DTYPES[args.dtype]
 
     config = data_config_from_args(
         args, split=args.split, resolution=args.resolution, label_column=args.label_column,
         caption_column=args.caption_column, on_bad_image=args.on_bad_image,
     )
-    dataset = build_dataset(config, train=False)
+    dataset = build_dataset_or_error(config)
     if args.crop == "resize":  # same decoding, ids and columns; only the pixel pipeline differs
         dataset.processor.transform = ResizeTransform(resolution=args.resolution)
     num_items = None if args.streaming else len(dataset)
@@ -280,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
                   "flip_fields": args.flip}  # fmt: skip
     metadata = {
         "model_config_sha256": model.config_sha256(),
+        "model_sha256": model_sha256,
         "model_kind": kind,
         "resolution": str(args.resolution),
         "transforms": json.dumps(transforms, sort_keys=True),
@@ -292,9 +297,20 @@ def run(args: argparse.Namespace) -> int:
         codebook_size = max(model.codebook_sizes)
         metadata["codebook_sizes"] = json.dumps(list(model.codebook_sizes))
 
-    check_existing_run(out_dir, world_size=world_size, samples_per_shard=S)
-    writer = ShardWriter(out_dir, kind=kind, samples_per_shard=S, metadata=metadata, rank=rank,
-                         world_size=world_size, codebook_size=codebook_size)  # fmt: skip
+    if args.overwrite:
+        if state.is_main_process and remove_encoded_files(out_dir):
+            print(f"--overwrite: removed the shards already in {out_dir}", file=sys.stderr)
+        state.wait_for_everyone()
+    check_existing_run(out_dir, world_size=world_size, samples_per_shard=S, model_sha256=model_sha256,
+                       model_path=str(model_dir))
+    try:
+        writer = ShardWriter(out_dir, kind=kind, samples_per_shard=S, metadata=metadata, rank=rank,
+                             world_size=world_size, codebook_size=codebook_size,
+                             provenance={"model_path": str(model_dir)})  # fmt: skip
+    except (ValueError, RuntimeError) as e:  # other data / transforms, or a state no crash produces
+        raise LdtokError(f"{e}; pass --overwrite to start afresh, or use a new --out") from None
+    for problem in writer.resume_state.problems:
+        print(f"repairing rank {rank}: {problem}", file=sys.stderr)
     start = writer.items_done
     if args.streaming:
         source, total = RankStream(dataset=dataset, rank=rank, world_size=world_size, start=start), None
@@ -328,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
                     with autocast:
                         fields = encode_batch(model, x, flip=args.flip, dtype=stored_dtype)
                     fields = {name: t[:n] for name, t in fields.items()}
+                    check_finite(fields, batch["id"], model_dir=model_dir)
                     if "label" in batch:
                         fields["label"] = batch["label"]
                 captions = batch.get("caption") if n and config.caption_column else None
@@ -349,11 +366,12 @@ def run(args: argparse.Namespace) -> int:
         stats = {"code_usage": code_usage(out_dir, world_size=world_size, fields=names,
                                           codebook_sizes=list(model.codebook_sizes))}  # fmt: skip
     class_name = json.loads((model_dir / "config.json").read_text()).get("_class_name")
-    model_info = {"path": str(model_dir), "kind": kind, "class": class_name,
+    model_info = {"path": str(model_dir), "kind": kind, "class": class_name, "sha256": model_sha256,
                   "config_sha256": metadata["model_config_sha256"]}  # fmt: skip
     extra = {"dataset": json.loads(metadata["dataset"]), "transforms": transforms,
              "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "command")}}
-    manifest = write_manifest(out_dir, model=model_info, stats=stats, extra=extra)
+    manifest = write_manifest(out_dir, model=model_info, stats=stats, extra=extra,
+                              latent_convention=args.latent_convention)
 
     rate = totals[0] / slowest if slowest > 0 else 0.0
     t = manifest["totals"]
@@ -363,11 +381,12 @@ def run(args: argparse.Namespace) -> int:
           f"{t['num_bytes'] / 2**20:.1f} MiB")
     if kind == "kl" and manifest["stats"]:
         s = manifest["stats"]
-        print(f"latent stats: mean {s['mean']:.5f}, std {s['std']:.5f} -> scaling_factor {s['scaling_factor']:.5f}, "
-              f"shift_factor {s['shift_factor']:.5f}")
+        shift = "none" if s["shift_factor"] is None else f"{s['shift_factor']:.5f}"
+        print(f"latent stats: mean {s['mean']:.5f}, std {s['std']:.5f}, rms {s['rms']:.5f} -> {s['convention']} "
+              f"convention: scaling_factor {s['scaling_factor']:.5f}, shift_factor {shift}")
     if args.write_scaling_factor:
         if not manifest["stats"]:
-            raise SystemExit("no latent statistics (fewer than 2 latent values?): nothing to write")
+            raise LdtokError("no latent statistics (fewer than 2 latent values?): nothing to write")
         write_latent_statistics(model_dir, manifest["stats"])
         print(f"wrote {', '.join(SCALING_KEYS)} into {model_dir / 'config.json'}")
     return 0

@@ -26,7 +26,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ldtok.commands.data_args import add_data_arguments, data_config_from_args
+from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error, data_config_from_args
+from ldtok.errors import LdtokError
 from ldtok.evaluation import PERCEPTUAL_DEFAULT
 
 DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation"}
@@ -70,19 +71,19 @@ def load_feature_net(spec: str):
 
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise SystemExit(f"--feature-net {spec!r}: expected FILE.py:FACTORY or MODULE:FACTORY")
+        raise LdtokError(f"--feature-net {spec!r}: expected FILE.py:FACTORY or MODULE:FACTORY")
     if target.endswith(".py"):
         path = Path(target).expanduser().resolve()
         module_spec = importlib.util.spec_from_file_location(f"_ldtok_feature_net_{path.stem}", path)
         if module_spec is None or not path.is_file():
-            raise SystemExit(f"--feature-net: no Python file {path}")
+            raise LdtokError(f"--feature-net: no Python file {path}")
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(target)
     net = getattr(module, attr)()
     if not isinstance(net, FeatureExtractor):
-        raise SystemExit(f"--feature-net {spec!r} gave a {type(net).__name__}, not a FeatureExtractor "
+        raise LdtokError(f"--feature-net {spec!r} gave a {type(net).__name__}, not a FeatureExtractor "
                          "(a callable with .name, .sha256 and .resize)")
     return net
 
@@ -107,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    from ldtok.data import build_dataset
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
     from ldtok.models import load_tokenizer
     from ldtok.report import write_report
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     perceptual = [n.strip() for n in args.perceptual.split(",") if n.strip() and n.strip() != "none"]
     unknown = sorted(set(perceptual) - set(PERCEPTUAL_DEFAULT))
     if unknown:
-        raise SystemExit(f"--perceptual: unknown network(s) {unknown}; choose from {list(PERCEPTUAL_DEFAULT)}")
+        raise LdtokError(f"--perceptual: unknown network(s) {unknown}; choose from {list(PERCEPTUAL_DEFAULT)}")
     accelerator = Accelerator(cpu=args.cpu)
     model_dir = Path(args.model).expanduser().resolve()
     model = load_tokenizer(str(model_dir), device=accelerator.device)
@@ -123,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
         args, split=args.split or DEFAULT_SPLIT[args.data_source],
         resolution=args.resolution or (128 if args.data_source == "default" else 256),
     )
+    if hasattr(model, "downsample_factor"):
+        from ldtok.models.shapes import check_resolution
+
+        check_resolution(config.resolution, model.downsample_factor)
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
-        dataset = build_dataset(config, train=False)
+        dataset = build_dataset_or_error(config)
     options = EvalOptions(
         batch_size=args.batch_size, num_workers=args.num_workers, perceptual=perceptual, fid=args.fid,
         grid_images=args.grid_images, interpolation_pairs=args.interpolation_pairs,

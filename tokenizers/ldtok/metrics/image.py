@@ -5,7 +5,8 @@ differ, so they are fixed here and stated):
 
 - Images in `[-1, 1]` are first mapped to 8-bit values with `to_uint8` (`round((x + 1) * 127.5)`, clamped to
   `[0, 255]`), as the anchors do when they save PNGs and score those. Tensors that already have dtype `torch.uint8` are
-  used as they are.
+  used as they are. Non-finite values (NaN, inf: a diverged model) are refused with `NonFiniteImageError`, never
+  scored: clamping would turn NaN into black pixels and give a plausible PSNR.
 - PSNR is computed *per image* (MSE over all channels and pixels of that image) with peak value 255, in float64, then
   averaged over images by the caller. It is not the PSNR of the dataset-mean MSE. Identical images give `+inf`; means
   replace `+inf` by `PSNR_CAP` (see `mean_psnr`), and a report should say so.
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import LdtokError
+
 # PSNR of identical images is +inf; means over images use this value in its place (a report must state it).
 PSNR_CAP = 100.0
 
@@ -29,6 +32,20 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+
+
+class NonFiniteImageError(LdtokError, ValueError):
+    """An image to score holds NaN or inf values."""
+
+
+def check_finite_images(x: Tensor, *, what: str = "image") -> None:
+    """Raise `NonFiniteImageError` naming how many values of `x` are NaN or inf (a float tensor)."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n_nan = int(torch.isnan(x).sum())
+        raise NonFiniteImageError(f"{int(bad.sum())} of {x.numel()} {what} values are non-finite ({n_nan} NaN, "
+                                  f"{int(bad.sum()) - n_nan} inf): refusing to score them; the model's output "
+                                  "diverged (check its weights or the training run's losses)")
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -41,10 +58,14 @@ def to_uint8(x: Tensor) -> Tensor:
     Returns:
         `Tensor` of shape `(B, C, H, W)`, dtype `torch.uint8`: `round((x + 1) * 127.5)` clamped to `[0, 255]`
         (round half to even, computed in fp32).
+
+    Raises:
+        `NonFiniteImageError` (an `LdtokError`) naming how many values are NaN or inf.
     """
     if x.dtype == torch.uint8:
         return x
     assert x.is_floating_point(), f"expected a float image in [-1, 1] or a uint8 image, got dtype {x.dtype}"
+    check_finite_images(x)
     # fp32: bf16 cannot represent most of the 256 levels, so rounding in bf16 would change pixel values.
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 

@@ -3,7 +3,7 @@
 from .config import MODEL_PRESETS, ModelConfig
 from .export import save_pretrained_atomic
 from .kl import KLAutoencoder, build_autoencoder_kl
-from .loading import load_tokenizer
+from .loading import load_tokenizer, tokenizer_sha256
 
 
 def build_model(config: ModelConfig):
@@ -29,4 +29,5 @@ __all__ = [
     "build_model",
     "load_tokenizer",
     "save_pretrained_atomic",
+    "tokenizer_sha256",
 ]

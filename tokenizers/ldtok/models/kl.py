@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..outputs import AutoencoderOutput
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
+from .shapes import check_image_size
 
 logger = logging.getLogger("ldtok.models")
 
@@ -57,7 +58,13 @@ class KLAutoencoder(nn.Module):
             vae.enable_gradient_checkpointing()
         return cls(vae=vae, deterministic=config.deterministic)
 
+    @property
+    def downsample_factor(self) -> int:
+        """`f`: latents are `(H/f, W/f)`; image sides must be multiples of it."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def forward(self, x: Tensor) -> AutoencoderOutput:
+        check_image_size(*x.shape[-2:], self.downsample_factor)
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample() if self.training and not self.deterministic else posterior.mode()  # (B, C, h, w)
         x_rec = self.vae.decode(z).sample  # (B, 3, H, W)
@@ -71,6 +78,7 @@ class KLAutoencoder(nn.Module):
     @torch.no_grad()
     def encode_posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
         """The posterior `q(z | x)`: `.mean`, `.logvar`, `.std` of shape `(B, C, h, w)` (unscaled latent space)."""
+        check_image_size(*x.shape[-2:], self.downsample_factor)
         return self.vae.encode(x).latent_dist
 
     @torch.no_grad()

@@ -8,12 +8,16 @@
 - `VQVAE2` -> `VQVAE2Autoencoder`.
 
 The result is in eval mode with gradients off, and has `kind` ("kl", "vq" or "vqvae2"), `forward(x) ->
-AutoencoderOutput`, `config_sha256()`, and per family `encode_posterior` / `decode_latents` (KL) or
-`encode_to_indices` / `decode_indices` / `codebook_sizes` (VQ).
+AutoencoderOutput`, `config_sha256()`, `downsample_factor` (what image sides must be multiples of), and per family
+`encode_posterior` / `decode_latents` (KL) or `encode_to_indices` / `decode_indices` / `codebook_sizes` (VQ).
+
+`tokenizer_sha256(path)` identifies a model directory by its weights *and* its architecture: latent shards record it,
+so a resume or a decode with other weights is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,18 +26,92 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from ..errors import LdtokError
 from ..quantizers import QuantizerConfig
 from .config import ModelConfig
+from .export import config_sha256
 from .kl import KLAutoencoder
+
+
+class ModelDirError(LdtokError, FileNotFoundError):
+    """No model directory at the path, or one without `config.json` (a `FileNotFoundError`, as before)."""
+
+
+class NotATokenizerError(LdtokError, ValueError):
+    """A model directory of a class ldtok cannot use as a tokenizer (a `ValueError`, as before)."""
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SIDECAR_NAMES = ("ldtok.json",)  # what changes how the weights are used (e.g. l2-normalized codes)
+
+
+def _config_file(path: Path) -> Path:
+    if not path.exists():
+        raise ModelDirError(f"model directory {path} does not exist: give the directory of a trained tokenizer "
+                         "(e.g. runs/NAME/final)")
+    if not path.is_dir():
+        raise ModelDirError(f"{path} is a file, not a model directory (a folder with config.json and the weights)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelDirError(f"{path} has no config.json: not a model directory (give the folder that holds "
+                         "config.json and the weights, e.g. runs/NAME/final)")
+    return config_file
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LdtokError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LdtokError(f"{config_file}: not a JSON object")
+    return config
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """A sha256 that identifies a model directory by its architecture and weights.
+
+    Hashes `config_sha256` of `config.json` (bookkeeping keys and the latent statistics `scaling_factor` /
+    `shift_factor` left out, so `--write-scaling-factor` keeps the identity), the name and sha256 of every weight file
+    (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`) and ldtok's sidecar files. Two directories with the same hash compute
+    the same latents; a checkpoint of another step, or a fine-tuned copy, does not have it.
+    """
+    path = Path(path)
+    h = hashlib.sha256(config_sha256(_read_config(_config_file(path))).encode())
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in SIDECAR_NAMES))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise LdtokError(f"{path} has a config.json but no weight file (*.safetensors / *.bin): an incomplete "
+                         "export?")
+    for p in files:
+        h.update(f"\n{p.name} {_sha256_file(p)}".encode())
+    return h.hexdigest()
 
 
 def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
     """Load the tokenizer saved at `path` (see the module docstring), in eval mode on `device`."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    config = json.loads(config_file.read_text())
+    config_file = _config_file(path)
+    config = _read_config(config_file)
+    try:
+        model = _load(path, config, config_file)
+    except LdtokError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign weight file: name the directory
+        first = (str(e).splitlines() or [""])[0]
+        raise LdtokError(f"{path}: cannot load the model ({type(e).__name__}: {first}); is the export complete?") from e
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _load(path: Path, config: dict, config_file: Path) -> nn.Module:
     class_name = config.get("_class_name")
     if class_name == "AutoencoderKL":
         model = KLAutoencoder(vae=AutoencoderKL.from_pretrained(path))
@@ -53,6 +131,6 @@ def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu
 
         model = VQVAE2Autoencoder(vqvae2=VQVAE2.from_pretrained(path))
     else:
-        raise ValueError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
+        raise NotATokenizerError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
                          "(AutoencoderKL, VQModel or VQVAE2)")
-    return model.eval().requires_grad_(False).to(device)
+    return model

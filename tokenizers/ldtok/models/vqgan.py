@@ -47,6 +47,7 @@ from ..outputs import AutoencoderOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
+from .shapes import check_image_size
 
 # What diffusers' VQModel config cannot say about our codes (l2 normalization), next to config.json.
 LDTOK_SIDECAR = "ldtok.json"
@@ -230,16 +231,20 @@ class VQGAN(nn.Module):
         spatial = codes if self.vqmodel.config.norm_type == "spatial" else None  # MoVQ-style checkpoints
         return self.vqmodel.decoder(latents, spatial)
 
+    @property
+    def downsample_factor(self) -> int:
+        """`f`: codes are `(H/f, W/f)`; image sides must be multiples of it."""
+        return 2 ** (len(self.vqmodel.config.block_out_channels) - 1)
+
     def forward(self, x: Tensor) -> AutoencoderOutput:
-        f = 2 ** (len(self.vqmodel.config.block_out_channels) - 1)
-        H, W = x.shape[-2:]
-        assert H % f == 0 and W % f == 0, f"image size {H}x{W} not divisible by the downsampling factor {f}"
+        check_image_size(*x.shape[-2:], self.downsample_factor)
         quant = self.quantizer(self.encode_latents(x))  # quantized: (B, D, H/f, W/f)
         return AutoencoderOutput(sample=self.decode_codes(quant.quantized), posterior=None, quant=quant)
 
     @torch.no_grad()
     def encode_to_indices(self, images: Tensor) -> Tensor:
         """Code indices `(B, H/f, W/f)` int64 of `images` `(B, 3, H, W)`; eval semantics (no codebook update)."""
+        check_image_size(*images.shape[-2:], self.downsample_factor)
         with quantizers_eval(self.quantizer):
             return self.quantizer(self.encode_latents(images)).indices
 

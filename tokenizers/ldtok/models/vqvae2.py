@@ -42,6 +42,7 @@ from ..outputs import AutoencoderOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
+from .shapes import check_image_size
 from .vqgan import check_quantizer_matches, enable_gradient_checkpointing, quantizer_metrics, quantizers_eval
 
 # Quantizer options shared by both levels (the codebook size and dimension are per level).
@@ -157,9 +158,8 @@ class VQVAE2(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ forward
 
     def _check_size(self, x: Tensor) -> None:
-        f2 = 2 * self.downsample_factor
-        H, W = x.shape[-2:]
-        assert H % f2 == 0 and W % f2 == 0, f"image size {H}x{W} not divisible by the top code's factor {f2}"
+        # the top code is 2f coarser: sides must be multiples of 2f
+        check_image_size(*x.shape[-2:], 2 * self.downsample_factor, what="image size (top code: factor 2f)")
 
     def bottom_input(self, h: Tensor, top_codes: Tensor) -> Tensor:
         """The bottom quantizer's input `(B, D_b, H/f, W/f)` from encoder features `h` `(B, C, H/f, W/f)` and the
@@ -222,6 +222,11 @@ class VQVAE2Autoencoder(nn.Module):
 
     def config_sha256(self) -> str:
         return config_sha256(self.vqvae2.config)
+
+    @property
+    def downsample_factor(self) -> int:
+        """The factor image sides must be multiples of: the top code's `2f`."""
+        return 2 * self.vqvae2.downsample_factor
 
     @classmethod
     def from_config(cls, config: ModelConfig, quantizer: QuantizerConfig | None = None, *,

@@ -6,17 +6,21 @@ resumably from each encoding rank, `write_manifest` merges the ranks into `index
 statistics, `verify` checks a directory end to end, and `LatentShardDataset` / `LatentShardIterable` read it back.
 """
 
-from .manifest import ShardRecord, VerifyReport, load_manifest, verify, write_manifest
-from .readers import LatentShardDataset, LatentShardIterable
-from .stats import ChannelStats
-from .writer import KIND_FIELDS, ResumeState, ShardWriter, index_dtype_for
+from .manifest import ShardRecord, load_manifest, write_manifest
+from .readers import LatentShardDataset, LatentShardIterable, ShardChecksumError
+from .resume import ResumeState
+from .stats import LATENT_CONVENTIONS, ChannelStats
+from .verify import VerifyReport, verify
+from .writer import KIND_FIELDS, ShardWriter, index_dtype_for
 
 __all__ = [
     "KIND_FIELDS",
+    "LATENT_CONVENTIONS",
     "ChannelStats",
     "LatentShardDataset",
     "LatentShardIterable",
     "ResumeState",
+    "ShardChecksumError",
     "ShardRecord",
     "ShardWriter",
     "VerifyReport",

@@ -1,6 +1,6 @@
 """On-disk layout of a latent-shard directory: names, atomic writes, per-rank parts, `index.json` and `verify`.
 
-A directory written by `ShardWriter` holds
+`verify` (checking a whole directory) lives in `verify.py`. A directory written by `ShardWriter` holds
 
 - `shard-r{rank:02d}-{k:05d}.safetensors`: the shards (see `writer.py` for what is inside);
 - `part-r{rank:02d}.json`: each rank's part manifest, rewritten atomically after every shard and on `close()`;
@@ -20,13 +20,13 @@ import os
 import platform
 import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors
 import torch
-from safetensors import safe_open
 
+from ..atomic import write_bytes_atomic
 from .stats import ChannelStats
 
 FORMAT_VERSION = "1"
@@ -51,26 +51,10 @@ def part_name(rank: int) -> str:
     return f"part-r{rank:02d}.json"
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary name `path` is written under before being renamed into place."""
-    return path.parent / f".{path.name}.tmp-{os.getpid()}"
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temp file and `os.replace`: `path` is either absent/old or complete."""
-    path = Path(path)
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # fsync the directory so the rename itself survives a power cut (a kill -9 cannot undo it anyway)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write `data` to `path` atomically (`ldtok.atomic.write_bytes_atomic`: temp file, fsync, rename; a full disk is
+    a `DiskFullError` naming `path`, and the temp file is removed)."""
+    write_bytes_atomic(path, data)
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -203,20 +187,55 @@ class ShardRecord:
 
 
 # ------------------------------------------------------------------------------------------------ parts
+PART_KEYS = ("kind", "world_size", "samples_per_shard", "metadata", "codebook_size", "fields", "captions", "rank",
+             "finished", "shards")
+
+
+def part_checksum(part: dict) -> str:
+    """sha256 of a part manifest's content (every key but `checksum`, canonical JSON; floats round-trip exactly)."""
+    body = {k: v for k, v in part.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class DamagedPartError(ValueError):
+    """A part manifest that does not parse, lacks keys, or whose checksum does not match its content."""
+
+
 def read_part(out_dir: Path, rank: int) -> dict | None:
+    """The part manifest of `rank` (`None` if there is none).
+
+    Raises:
+        `DamagedPartError` naming the file if it does not parse, lacks a key, or fails its checksum (parts written
+        before checksums existed have none and are accepted).
+    """
     path = Path(out_dir) / part_name(rank)
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        part = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedPartError(f"{path}: does not parse ({e})") from None
+    missing = [k for k in PART_KEYS if not isinstance(part, dict) or k not in part]
+    if missing:
+        raise DamagedPartError(f"{path}: missing keys {missing}")
+    if "checksum" in part and part["checksum"] != part_checksum(part):
+        raise DamagedPartError(f"{path}: checksum mismatch (the file was damaged or edited)")
+    return part
 
 
 def write_part(out_dir: Path, part: dict) -> None:
-    atomic_write_json(Path(out_dir) / part_name(part["rank"]), part)
+    part = {k: v for k, v in part.items() if k != "checksum"}
+    atomic_write_json(Path(out_dir) / part_name(part["rank"]), {**part, "checksum": part_checksum(part)})
 
 
 # ------------------------------------------------------------------------------------------------ index.json
 def write_manifest(
-    out_dir: str | os.PathLike, *, model: dict, stats: dict | None = None, extra: dict | None = None
+    out_dir: str | os.PathLike,
+    *,
+    model: dict,
+    stats: dict | None = None,
+    extra: dict | None = None,
+    latent_convention: str = "sd",
 ) -> dict:
     """Merge every rank's part manifest into `index.json` (atomically). Call once, on one process, after all ranks
     have called `ShardWriter.close()` (e.g. after `accelerator.wait_for_everyone()`, on the main process).
@@ -228,6 +247,9 @@ def write_manifest(
         stats (`dict`, *optional*): latent statistics, e.g. `ChannelStats.result()`. If `None` and the shards are KL,
             the per-shard posterior statistics recorded by the writer are merged (see `stats.py`); VQ kinds get none.
         extra (`dict`, *optional*): anything else JSON-able to record (dataset name, split, command line, ...).
+        latent_convention (`"sd"` or `"sd3"`, defaults to `"sd"`): how the merged KL statistics state
+            `scaling_factor` / `shift_factor` (see `ChannelStats.result`); readers apply them as
+            `(z - (shift_factor or 0)) * scaling_factor`.
 
     Returns:
         The manifest `dict` that was written.
@@ -241,7 +263,10 @@ def write_manifest(
     for p in out_dir.iterdir():
         m = PART_RE.match(p.name)
         if m:
-            parts[int(m.group(1))] = json.loads(p.read_text())
+            try:
+                parts[int(m.group(1))] = read_part(out_dir, int(m.group(1)))
+            except DamagedPartError as e:
+                raise RuntimeError(f"{e}: rerun the encode command, which rebuilds it from the shards") from None
     if not parts:
         raise RuntimeError(f"no part manifests in {out_dir}: did any ShardWriter close()?")
     world_size = parts[min(parts)]["world_size"]
@@ -263,9 +288,10 @@ def write_manifest(
                 raise RuntimeError(f"part of rank {r} has fields {part['fields']}, another rank {fields}")
             fields = part["fields"]
     metadata = first["metadata"]
-    declared = model.get("config_sha256"), metadata.get("model_config_sha256")
-    if None not in declared and declared[0] != declared[1]:
-        raise RuntimeError(f"model config_sha256 {declared[0]} != shards' model_config_sha256 {declared[1]}")
+    for key, shard_key in (("config_sha256", "model_config_sha256"), ("sha256", "model_sha256")):
+        declared = model.get(key), metadata.get(shard_key)
+        if None not in declared and declared[0] != declared[1]:
+            raise RuntimeError(f"model {key} {declared[0]} != shards' {shard_key} {declared[1]}")
     records = [ShardRecord(**s) for r in sorted(parts) for s in parts[r]["shards"]]
     if stats is None and first["kind"] == "kl":
         merged = None
@@ -274,7 +300,8 @@ def write_manifest(
                 s = ChannelStats.from_state_dict(rec.stats)
                 merged = s if merged is None else merged.merge(s)
         if merged is not None and merged.count > 1:
-            stats = merged.result() | {"source": "posterior (expected moments of mean + std * eps, per-shard merge)"}
+            source = "posterior (expected moments of mean + std * eps, per-shard merge)"
+            stats = merged.result(convention=latent_convention) | {"source": source}
     manifest = {
         "ldtok_format": FORMAT_VERSION,
         "kind": first["kind"],
@@ -314,103 +341,3 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
     if manifest.get("ldtok_format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported ldtok_format {manifest.get('ldtok_format')!r}")
     return manifest
-
-
-# ------------------------------------------------------------------------------------------------ verify
-@dataclass
-class VerifyReport:
-    """Result of `verify`.
-
-    Args:
-        ok (`bool`): no problem found.
-        problems (`list[str]`): one line per problem (duplicate ids are capped at 20 lines plus a count).
-        num_samples (`int`): samples in the shards that could be read.
-        num_shards (`int`): shards listed in `index.json`.
-        num_bytes (`int`): bytes of the listed shards found on disk.
-    """
-
-    ok: bool
-    problems: list[str] = field(default_factory=list)
-    num_samples: int = 0
-    num_shards: int = 0
-    num_bytes: int = 0
-
-
-def _check_shard(path: Path, rec: dict, manifest: dict) -> tuple[list[str], list[str]]:
-    """Problems of one listed shard and its sample ids (empty if unreadable)."""
-    name, problems = rec["file"], []
-    if os.path.getsize(path) != rec["num_bytes"]:
-        problems.append(f"{name}: {os.path.getsize(path)} bytes, index says {rec['num_bytes']}")
-    if sha256_file(path) != rec["sha256"]:
-        problems.append(f"{name}: sha256 mismatch (corrupted or rewritten)")
-    try:
-        header = read_shard_header(path)
-        with safe_open(str(path), framework="pt") as f:  # the reader's own parser must accept it too
-            f.metadata()
-        ids = json.loads(header.metadata["ids"])
-    except Exception as e:  # noqa: BLE001 - any parse failure is a reported problem, not a crash
-        return problems + [f"{name}: unreadable header ({type(e).__name__}: {e})"], []
-    meta = header.metadata
-    if meta.get("ldtok_format") != FORMAT_VERSION or meta.get("kind") != manifest["kind"]:
-        problems.append(f"{name}: format {meta.get('ldtok_format')!r} / kind {meta.get('kind')!r} do not match index")
-    if len(ids) != rec["num_samples"]:
-        problems.append(f"{name}: {len(ids)} ids, index says {rec['num_samples']} samples")
-    if ids and (ids[0] != rec["ids_first"] or ids[-1] != rec["ids_last"]):
-        problems.append(f"{name}: first/last id differ from index")
-    expected = manifest["fields"] or {}
-    if rec["num_samples"] > 0 and set(header.tensors) != set(expected):
-        problems.append(f"{name}: tensors {sorted(header.tensors)}, index fields {sorted(expected)}")
-    for key, info in header.tensors.items():
-        if info["shape"][:1] != [rec["num_samples"]]:
-            problems.append(f"{name}: {key} has shape {info['shape']}, expected {rec['num_samples']} rows")
-        if key in expected and (info["dtype"], info["shape"][1:]) != (expected[key]["dtype"], expected[key]["shape"]):
-            problems.append(f"{name}: {key} is {info['dtype']}{info['shape'][1:]}, index says {expected[key]}")
-    return problems, ids
-
-
-def verify(out_dir: str | os.PathLike) -> VerifyReport:
-    """Check a shard directory end to end (reads every byte once to hash it; holds all sample ids in memory).
-
-    Checks: `index.json` parses; every listed shard exists with the listed size and sha256, its header parses
-    (ours and safetensors' parser), its ids, tensor names, dtypes and row counts agree with the index; totals add up;
-    no sample id occurs twice across the whole set; no temp files are left; no shard file is unlisted.
-    """
-    out_dir = Path(out_dir)
-    report = VerifyReport(ok=False)
-    try:
-        manifest = load_manifest(out_dir)
-    except Exception as e:  # noqa: BLE001
-        report.problems.append(f"index.json: {type(e).__name__}: {e}")
-        return report
-    shards = manifest["shards"]
-    report.num_shards = len(shards)
-    seen: dict[str, str] = {}
-    duplicates = []
-    for rec in shards:
-        path = out_dir / rec["file"]
-        if not path.is_file():
-            report.problems.append(f"{rec['file']}: listed in index.json but missing")
-            continue
-        report.num_bytes += os.path.getsize(path)
-        problems, ids = _check_shard(path, rec, manifest)
-        report.problems += problems
-        report.num_samples += len(ids)
-        for sample_id in ids:
-            if sample_id in seen:
-                duplicates.append(f"duplicate sample id {sample_id!r} in {seen[sample_id]} and {rec['file']}")
-            else:
-                seen[sample_id] = rec["file"]
-    report.problems += duplicates[:20] + (
-        [f"... {len(duplicates) - 20} more duplicate ids"] if len(duplicates) > 20 else []
-    )
-    totals = manifest["totals"]
-    if totals["num_shards"] != len(shards) or totals["num_samples"] != sum(s["num_samples"] for s in shards):
-        report.problems.append(f"totals {totals} do not add up over the {len(shards)} listed shards")
-    listed = {s["file"] for s in shards}
-    for p in sorted(out_dir.iterdir()):
-        if TEMP_RE.match(p.name):
-            report.problems.append(f"{p.name}: leftover temp file (a crashed writer?)")
-        elif SHARD_RE.match(p.name) and p.name not in listed:
-            report.problems.append(f"{p.name}: shard file not listed in index.json")
-    report.ok = not report.problems
-    return report

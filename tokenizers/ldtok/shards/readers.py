@@ -3,13 +3,19 @@
 Both readers yield the same items:
 
 - KL: `{"latents": (C, h, w) float32, "id": str}`, with `latents = (z - shift_factor) * scaling_factor` and
-  `z = mean + exp(logvar / 2) * eps` (a fresh `eps` per call) when `sample_posterior`, else `z = mean`;
+  `z = mean + exp(logvar / 2) * eps` (a fresh `eps` per call) when `sample_posterior`, else `z = mean`. Under the
+  default SD convention the manifest's `shift_factor` is `None` and no shift is applied (`latents = z *
+  scaling_factor`, what `StableDiffusionPipeline` expects); under `--latent-convention sd3` it is the latent mean
+  (`ldtok.shards.stats`);
 - VQ: `{"indices": (h, w) int64, "id": str}`; VQ-VAE-2: `{"indices_top": ..., "indices_bottom": ..., "id": str}`;
 - plus `"label"` (int64 scalar tensor) and `"caption"` (str) when the shards store them.
 
 With `use_flip=True` each item picks the stored flipped variant (`*_flip` fields) with probability 1/2, the way
 LightningDiT uses its pre-encoded flips. `scaling_factor` / `shift_factor` default, each on its own, to the manifest's
 `stats` (`ChannelStats.result()`); pass `shift_factor=0.0` to apply no shift.
+
+Both readers check a shard's sha256 against `index.json` the first time they open it in a process (`verify=False`
+skips it), so a damaged shard is an error naming it (`ShardChecksumError`), never silently wrong latents.
 """
 
 from __future__ import annotations
@@ -26,8 +32,13 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .manifest import load_manifest
+from ..errors import LdtokError
+from .manifest import load_manifest, sha256_file
 from .writer import KIND_FIELDS
+
+
+class ShardChecksumError(LdtokError):
+    """A shard's bytes do not match the sha256 that `index.json` records for it."""
 
 
 class _ShardSource:
@@ -41,6 +52,7 @@ class _ShardSource:
         shift_factor: float | None,
         sample_posterior: bool,
         use_flip: bool,
+        verify: bool,
     ):
         self.root = Path(root)
         manifest = load_manifest(self.root)
@@ -50,6 +62,8 @@ class _ShardSource:
         self.shards: list[tuple[str, int]] = [
             (s["file"], s["num_samples"]) for s in manifest["shards"] if s["num_samples"]
         ]
+        self.sha256: dict[str, str] | None = {s["file"]: s["sha256"] for s in manifest["shards"]} if verify else None
+        self.verified: set[str] = set()  # per process: forked workers start from the parent's set
         self.sample_posterior = sample_posterior
         self.use_flip = use_flip
         self.latent_fields = KIND_FIELDS[self.kind]
@@ -63,7 +77,20 @@ class _ShardSource:
             if (scaling_factor is None or shift_factor is None) and not stats:
                 raise ValueError(f"{self.root} has no latent stats: pass scaling_factor and shift_factor explicitly")
             self.scaling_factor = float(stats["scaling_factor"] if scaling_factor is None else scaling_factor)
-            self.shift_factor = float(stats["shift_factor"] if shift_factor is None else shift_factor)
+            # the SD convention states no shift (None): latents are z * scaling_factor
+            self.shift_factor = float((stats.get("shift_factor") or 0.0) if shift_factor is None else shift_factor)
+
+    def path(self, j: int) -> Path:
+        """Shard `j`'s path, its sha256 checked against `index.json` on the first call in this process."""
+        name = self.shards[j][0]
+        path = self.root / name
+        if self.sha256 is not None and name not in self.verified:
+            if sha256_file(path) != self.sha256[name]:
+                raise ShardChecksumError(
+                    f"{path}: sha256 does not match index.json (the shard is damaged); rerun the same `ldtok encode` "
+                    "command to re-encode it, or pass verify=False to read it anyway")
+            self.verified.add(name)
+        return path
 
     def make_item(
         self, rows: dict[str, Tensor], sample_id: str, caption: str | None, generator: torch.Generator | None
@@ -111,6 +138,7 @@ class LatentShardDataset(Dataset):
         shift_factor (`float`, *optional*): KL latent shift; defaults to the manifest's `stats["shift_factor"]`.
         sample_posterior (`bool`, defaults to `True`): KL: draw `mean + std * eps` anew at every access; else the mean.
         use_flip (`bool`, defaults to `False`): pick the stored flipped variant with probability 1/2.
+        verify (`bool`, defaults to `True`): check each shard's sha256 against `index.json` when it is first opened.
         max_open_files (`int`, defaults to 8): open shards kept per process (LRU).
     """
 
@@ -122,6 +150,7 @@ class LatentShardDataset(Dataset):
         shift_factor: float | None = None,
         sample_posterior: bool = True,
         use_flip: bool = False,
+        verify: bool = True,
         max_open_files: int = 8,
     ):
         self.source = _ShardSource(
@@ -130,6 +159,7 @@ class LatentShardDataset(Dataset):
             shift_factor=shift_factor,
             sample_posterior=sample_posterior,
             use_flip=use_flip,
+            verify=verify,
         )
         self.offsets = [0]  # offsets[j] = index of shard j's first sample
         for _, n in self.source.shards:
@@ -152,7 +182,7 @@ class LatentShardDataset(Dataset):
         if j in self._handles:
             self._handles.move_to_end(j)
             return self._handles[j]
-        handle = safe_open(str(self.source.root / self.source.shards[j][0]), framework="pt")
+        handle = safe_open(str(self.source.path(j)), framework="pt")
         meta = handle.metadata()
         entry = (handle, json.loads(meta["ids"]), json.loads(meta["captions"]) if "captions" in meta else None)
         self._handles[j] = entry
@@ -189,7 +219,7 @@ class LatentShardIterable(IterableDataset):
             shards).
         rank (`int`, *optional*), world_size (`int`, *optional*): this process's split; default to
             `torch.distributed` when initialized, else `0` / `1`.
-        scaling_factor, shift_factor, sample_posterior, use_flip: as in `LatentShardDataset`.
+        scaling_factor, shift_factor, sample_posterior, use_flip, verify: as in `LatentShardDataset`.
     """
 
     def __init__(
@@ -205,6 +235,7 @@ class LatentShardIterable(IterableDataset):
         shift_factor: float | None = None,
         sample_posterior: bool = True,
         use_flip: bool = False,
+        verify: bool = True,
     ):
         self.source = _ShardSource(
             root,
@@ -212,6 +243,7 @@ class LatentShardIterable(IterableDataset):
             shift_factor=shift_factor,
             sample_posterior=sample_posterior,
             use_flip=use_flip,
+            verify=verify,
         )
         assert buffer_shards >= 1, f"buffer_shards must be positive, got {buffer_shards}"
         assert (rank is None) == (world_size is None), "give both rank and world_size, or neither"
@@ -254,7 +286,7 @@ class LatentShardIterable(IterableDataset):
             ids: list[str] = []
             captions: list[str] = []
             for j in mine[start : start + self.buffer_shards]:
-                with safe_open(str(self.source.root / self.source.shards[j][0]), framework="pt") as f:
+                with safe_open(str(self.source.path(j)), framework="pt") as f:
                     meta = f.metadata()
                     for name in names:
                         columns[name].append(f.get_tensor(name))

@@ -5,14 +5,15 @@ squared deviations from the mean). Two states merge exactly (up to float64 round
 accumulated per shard, per rank, stored in shard metadata and combined later; unlike running `sum` / `sum of squares`
 it does not lose precision when the mean is large compared with the spread.
 
-Scaling convention (what `result()` reports):
+Scaling conventions (what `result(convention=...)` reports as `scaling_factor` / `shift_factor`; diffusers pipelines
+read these two keys from the model's config):
 
-- `shift_factor` = global mean of the latents and `scaling_factor` = 1 / global std (std about that mean), so that
-  `(z - shift_factor) * scaling_factor` has zero mean and unit variance. This is SD3 / Flux's convention
-  (`latents = (z - shift_factor) * scaling_factor`).
-- `scaling_factor_unshifted` = 1 / RMS of the latents (`sqrt(E[z^2])`), for pipelines that apply no shift (SD 1.x/2.x,
-  `latents = z * scaling_factor`): it gives `E[(z * s)^2] = 1`. SD's published 0.18215 was `1 / std` with the mean
-  near zero, where the two agree.
+- `"sd"` (the default; Stable Diffusion 1.x/2.x, SDXL, any pipeline that computes `latents = z * scaling_factor` and
+  decodes `latents / scaling_factor`): `scaling_factor` = 1 / RMS of the latents (`1 / sqrt(E[z^2])`, so that
+  `E[(z * s)^2] = 1`) and `shift_factor` = `None` (no shift: these pipelines ignore it, so none is written). SD's
+  published 0.18215 was `1 / std` with the mean near zero, where the two agree.
+- `"sd3"` (SD3 / Flux: `latents = (z - shift_factor) * scaling_factor`): `shift_factor` = global mean and
+  `scaling_factor` = 1 / global std about it, so the latents have zero mean and unit variance.
 
 Which latents to feed, for a KL model: SD computed its factor on *posterior samples* `z = mean + std * eps`, which is
 what a diffusion model trained on sampled latents sees, and that is what we recommend. `update_gaussian(mean, logvar)`
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor
+
+LATENT_CONVENTIONS = ("sd", "sd3")
 
 
 class ChannelStats:
@@ -144,19 +147,26 @@ class ChannelStats:
         return stats
 
     # ---------------------------------------------------------------- results
-    def result(self) -> dict:
+    def result(self, *, convention: str = "sd") -> dict:
         """Summary statistics (JSON-able).
+
+        Args:
+            convention (`"sd"` or `"sd3"`, defaults to `"sd"`): which scaling convention `scaling_factor` and
+                `shift_factor` follow (see the module docstring).
 
         Returns:
             `dict` with
             - `count` (`int`): elements per channel;
             - `channel_mean`, `channel_std` (`list[float]` of length C);
             - `mean`, `std`, `rms` (`float`): over all channels and positions (channels have equal counts);
-            - `shift_factor` (= `mean`), `scaling_factor` (= 1 / `std`): use as `(z - shift) * scale`;
-            - `scaling_factor_unshifted` (= 1 / `rms`): use as `z * scale` when no shift is applied;
+            - `convention`: the argument;
+            - `scaling_factor`, `shift_factor`: `"sd"`: 1 / `rms` and `None` (use as `z * scale`); `"sd3"`: 1 / `std`
+              and `mean` (use as `(z - shift) * scale`);
+            - `scaling_factor_unshifted` (= 1 / `rms`), `scaling_factor_centered` (= 1 / `std`): both, for reference;
             - `state`: `state_dict()`, so the result can be merged further.
         """
         assert self.count > 1, f"need at least 2 elements per channel for a std, have {self.count}"
+        assert convention in LATENT_CONVENTIONS, f"convention must be one of {LATENT_CONVENTIONS}, got {convention!r}"
         n, C = self.count, self.num_channels
         channel_var = self.m2 / (n - 1)
         global_mean = self.mean.mean()
@@ -171,8 +181,10 @@ class ChannelStats:
             "mean": global_mean.item(),
             "std": global_std,
             "rms": global_rms,
-            "shift_factor": global_mean.item(),
-            "scaling_factor": 1.0 / global_std,
+            "convention": convention,
+            "scaling_factor": 1.0 / global_rms if convention == "sd" else 1.0 / global_std,
+            "shift_factor": None if convention == "sd" else global_mean.item(),
             "scaling_factor_unshifted": 1.0 / global_rms,
+            "scaling_factor_centered": 1.0 / global_std,
             "state": self.state_dict(),
         }

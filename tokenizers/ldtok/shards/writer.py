@@ -44,7 +44,6 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -56,14 +55,13 @@ from .manifest import (
     FORMAT_VERSION,
     ShardRecord,
     atomic_write_bytes,
-    list_shard_files,
     part_name,
-    read_part,
     read_shard_header,
     remove_temp_files,
     shard_name,
     write_part,
 )
+from .resume import ResumeState, find_completed
 from .stats import ChannelStats
 
 Kind = Literal["kl", "vq", "vqvae2"]
@@ -84,7 +82,7 @@ KL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # metadata keys the writer owns; the caller's metadata may not use them
 WRITER_KEYS = frozenset(
     {"ldtok_format", "kind", "dtype", "fields", "ids", "captions", "skipped", "rank", "world_size", "shard_index",
-     "samples_per_shard", "num_items", "codebook_size", "stats"}
+     "samples_per_shard", "num_items", "codebook_size", "stats", "provenance"}
 )  # fmt: skip
 
 
@@ -108,30 +106,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@dataclass
-class ResumeState:
-    """What a rank has already written, as found on disk by `ShardWriter.completed`.
-
-    Args:
-        rank (`int`): the rank.
-        shards (`list[ShardRecord]`): complete shards, in order `0..n-1`.
-        num_items (`int`): items of the rank's sequence covered by them (samples + skipped); resume from here.
-        num_samples (`int`): samples stored in them.
-        finished (`bool`): the rank closed (its sequence was exhausted); nothing is left to add.
-        recovered (`list[str]`): shard files found on disk but missing from the part manifest (rebuilt from headers).
-        config (`dict`, *optional*): `kind`, `world_size`, `samples_per_shard`, `metadata`, `codebook_size`,
-            `fields` and `captions` of the run that wrote them (`None` if nothing was written).
-    """
-
-    rank: int
-    shards: list[ShardRecord]
-    num_items: int
-    num_samples: int
-    finished: bool
-    recovered: list[str]
-    config: dict | None
-
-
 class ShardWriter:
     """Write one rank's encoded samples into shards of `samples_per_shard` items; resumable after a crash.
 
@@ -147,6 +121,11 @@ class ShardWriter:
             picks the stored index dtype and is range-checked.
         resume (`bool`, defaults to `True`): continue after this rank's complete shards; if `False`, raise
             `FileExistsError` when any exist.
+        provenance (`dict[str, str]`, *optional*): where the latents come from, for messages (e.g. the model's
+            path); stored in every shard (metadata `provenance`, JSON) and part, but, unlike `metadata`, free to
+            differ when resuming.
+        check_sha256 (`bool`, defaults to `True`): hash this rank's complete shards when resuming; the first one
+            that does not match its part manifest, and every later one, are removed and re-encoded.
     """
 
     def __init__(
@@ -160,6 +139,8 @@ class ShardWriter:
         world_size: int = 1,
         codebook_size: int | None = None,
         resume: bool = True,
+        provenance: dict[str, str] | None = None,
+        check_sha256: bool = True,
     ):
         assert kind in KIND_FIELDS, f"kind must be one of {sorted(KIND_FIELDS)}, got {kind!r}"
         assert samples_per_shard >= 1, f"samples_per_shard must be positive, got {samples_per_shard}"
@@ -180,13 +161,14 @@ class ShardWriter:
         self._index_dtype = index_dtype_for(codebook_size) if kind != "kl" else None
         self._requested_dtype = metadata.get("dtype")
         self.metadata = {k: v for k, v in metadata.items() if k != "dtype"}
+        self.provenance = dict(provenance or {})
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         # a previous run of this rank is dead (we are its replacement): its temp files are garbage
         self.removed_temp_files = remove_temp_files(self.out_dir, f"shard-r{rank:02d}-") + remove_temp_files(
             self.out_dir, part_name(rank)
         )
-        state = self.completed(self.out_dir, rank)
+        state = self.completed(self.out_dir, rank, check_sha256=check_sha256)
         if state.shards and not resume:
             raise FileExistsError(f"{self.out_dir} already holds {len(state.shards)} shards of rank {rank}")
         if state.config is not None:
@@ -206,8 +188,12 @@ class ShardWriter:
         self.resume_state = state
         self._closed = False
         self._reset_buffer()
-        if state.recovered:
+        # repairs: the part first lists only the intact prefix, then the damaged shards go from the last one
+        # backwards, so a kill in between leaves a state the next run repairs the same way
+        if state.recovered or state.damaged or state.problems:
             self._write_part(finished=self.finished)
+        for name in reversed(state.damaged):
+            (self.out_dir / name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------------ resume API
     @staticmethod
@@ -216,67 +202,16 @@ class ShardWriter:
         return range(rank + start * world_size, dataset_len, world_size)
 
     @staticmethod
-    def completed(out_dir: str | os.PathLike, rank: int) -> ResumeState:
-        """Find the complete shards of `rank` in `out_dir` (read-only; the constructor does the cleanup).
+    def completed(out_dir: str | os.PathLike, rank: int, *, check_sha256: bool = False) -> ResumeState:
+        """Find the complete shards of `rank` in `out_dir` (read-only; the constructor does the cleanup and repairs).
 
-        Shards listed in the part manifest whose file has the listed size are taken from it; shard files on disk
-        but not in the part (a kill between the rename and the part update) are rebuilt from their headers and
-        hashed. Raises `RuntimeError` if the complete shards are not a prefix `0..n-1`, a listed shard is missing,
-        or a shard short of `samples_per_shard` items is not the last one: states no crash can produce.
+        Shards listed in the part manifest whose file has the listed size (and sha256, with `check_sha256`) are taken
+        from it; shard files on disk but not in the part (a kill between the rename and the part update) are rebuilt
+        from their headers and hashed; a damaged shard and the later ones are reported in `damaged` (see
+        `ldtok.shards.resume`). Raises `RuntimeError` if the shards on disk are not a prefix `0..n-1`, or a shard
+        short of `samples_per_shard` items is not the last one: states no crash can produce.
         """
-        out_dir = Path(out_dir)
-        part = read_part(out_dir, rank) if out_dir.exists() else None
-        on_disk = (
-            sorted((k, name) for (r, k), name in list_shard_files(out_dir).items() if r == rank)
-            if out_dir.exists()
-            else []
-        )
-        listed = {s["file"]: ShardRecord(**s) for s in (part["shards"] if part else [])}
-        on_disk_names = {name for _, name in on_disk}
-        lost = sorted(set(listed) - on_disk_names)
-        if lost:
-            raise RuntimeError(f"{out_dir}: shards {lost} are in {part_name(rank)} but missing on disk")
-        if [k for k, _ in on_disk] != list(range(len(on_disk))):
-            raise RuntimeError(f"{out_dir}: shards of rank {rank} are not contiguous: {[n for _, n in on_disk]}")
-        records, recovered, config = [], [], None
-        if part is not None:
-            config = {key: part[key] for key in ("kind", "world_size", "samples_per_shard", "metadata", "fields")}
-            config["codebook_size"] = part["codebook_size"]
-            config["captions"] = part["captions"]
-        for _, name in on_disk:
-            rec = listed.get(name)
-            if rec is None or rec.num_bytes != os.path.getsize(out_dir / name):
-                rec = ShardRecord.from_shard_file(out_dir / name)
-                recovered.append(name)
-                meta = read_shard_header(out_dir / name).metadata
-                if config is not None and config["fields"] is None and meta["fields"] != "{}":
-                    # the part predates the first shard with samples
-                    config.update(fields=json.loads(meta["fields"]), captions="captions" in meta)
-                if config is None:
-                    config = {
-                        "kind": meta["kind"],
-                        "world_size": int(meta["world_size"]),
-                        "samples_per_shard": int(meta["samples_per_shard"]),
-                        "metadata": {k: v for k, v in meta.items() if k not in WRITER_KEYS},
-                        "fields": json.loads(meta["fields"]) or None,  # {} when the shard holds only skipped items
-                        "captions": "captions" in meta if meta["fields"] != "{}" else None,
-                        "codebook_size": int(meta["codebook_size"]) if "codebook_size" in meta else None,
-                    }
-            records.append(rec)
-        S = config["samples_per_shard"] if config else 0
-        short = [r.file for r in records[:-1] if r.num_items != S]
-        if short:
-            raise RuntimeError(f"{out_dir}: shards {short} hold fewer than {S} items but are not rank {rank}'s last")
-        finished = bool(part and part["finished"]) or bool(records and records[-1].num_items < S)
-        return ResumeState(
-            rank=rank,
-            shards=records,
-            num_items=sum(r.num_items for r in records),
-            num_samples=sum(r.num_samples for r in records),
-            finished=finished,
-            recovered=recovered,
-            config=config,
-        )
+        return find_completed(out_dir, rank, writer_keys=WRITER_KEYS, check_sha256=check_sha256)
 
     @staticmethod
     def completed_ids(out_dir: str | os.PathLike, rank: int) -> list[str]:
@@ -382,7 +317,8 @@ class ShardWriter:
         if skipped and self._buffered_items + B + len(skipped) > self.samples_per_shard:
             raise ValueError(
                 f"a batch with skipped items straddles a shard boundary ({self._buffered_items} buffered + {B} + "
-                f"{len(skipped)} skipped > {self.samples_per_shard}); make samples_per_shard a multiple of the batch size"
+                f"{len(skipped)} skipped > {self.samples_per_shard}); make samples_per_shard a multiple of the "
+                "batch size"
             )
         self._skipped += skipped
         if B == 0:
@@ -438,6 +374,8 @@ class ShardWriter:
             metadata["captions"] = json.dumps(self._captions)
         if self.codebook_size is not None:
             metadata["codebook_size"] = str(self.codebook_size)
+        if self.provenance:
+            metadata["provenance"] = json.dumps(self.provenance, sort_keys=True)
         stats = None
         if self.kind == "kl" and self._ids:
             channel_stats = ChannelStats(num_channels=tensors["mean"].shape[1])
@@ -473,6 +411,7 @@ class ShardWriter:
             ldtok_format=FORMAT_VERSION,
             rank=self.rank,
             finished=finished,
+            provenance=self.provenance,
             shards=[r.to_json() for r in self._records],
         )
         write_part(self.out_dir, part)
