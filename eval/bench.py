@@ -7,13 +7,13 @@
 Baseline: the exported diffusers model (`AutoencoderKL` / `VQModel` with its own quantizer), `lpips` and the same
 PatchGAN, fp32 and eager, written like diffusers' example training scripts; ldtok: `build_model` + `AutoencoderLoss`
 with the chosen options. Both start from the same weights; the perceptual network is LPIPS-VGG with a random backbone
-(no download). See `ldtok.benchmark` for what exactly is measured. Prints the ratio table, writes JSON.
+(no download). See `eval/_bench.py` for what exactly is measured. Prints the ratio table, writes JSON.
 """
 
 import argparse
 import sys
 
-from ldtok.benchmark import PERCEPTUAL_NOTE, BenchConfig, format_table, run_benchmark, write_report
+from _bench import PERCEPTUAL_NOTE, BenchConfig, format_table, run_benchmark, write_report
 
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, str]:

@@ -1,15 +1,17 @@
-"""The benchmark (`eval/bench.py`, `ldtok.benchmark`): a CPU smoke run, and the baseline computing what ldtok does."""
+"""The benchmark (`eval/bench.py`, `eval/_bench.py`): a CPU smoke run, and the baseline computing what ldtok does."""
 
 import importlib.util
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from ldtok.benchmark import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # the benchmark code lives beside the library
+from _bench import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--resolution", "32", "--batch-size", "2", "--disc-channels", "16", "--disc-layers", "2"]

@@ -153,7 +153,7 @@ def autoencoder_step(
         x (`Tensor` of shape `(B, 3, H, W)`): the clean images (the target); `x_in` what the model sees (noisy in
             denoising mode, else `x`).
         update: `update(loss, optimizer, module)` backpropagates, clips, steps and zeroes, returning the gradient
-            norm or `None` (Accelerate's in training; a plain or GradScaler one in `ldtok.benchmark`).
+            norm or `None` (Accelerate's in training; a plain or GradScaler one in `eval/_bench.py`).
 
     Returns:
         The detached loss terms (`loss`, `rec`, `perceptual`, `kl`/`quant`, `gan`, `disc_loss`, ...).

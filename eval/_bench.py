@@ -1,5 +1,7 @@
 """Throughput and peak memory of ldtok's training step and encoder against an anchor-style baseline (`eval/bench.py`).
 
+Benchmark code and its deliberately naive baseline live here, beside the library: `import ldtok` never loads them.
+
 Each comparison runs two *cases* from the same weights, inputs and loss recipe:
 
 - **baseline**, as the anchors' scripts (diffusers' `train_vqgan.py` / `train_autoencoderkl.py`, taming, LDM) do it:
@@ -47,14 +49,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import write_text_atomic
-from .config import from_dict
-from .discriminator import PatchDiscriminator
-from .losses import AutoencoderLoss, LossConfig, build_discriminator
-from .meters import ThroughputMeter, peak_memory_mib
-from .models import ModelConfig, build_model
-from .perceptual import build_perceptual
-from .training import autoencoder_step
+from ldtok.atomic import write_text_atomic
+from ldtok.config import from_dict
+from ldtok.discriminator import PatchDiscriminator
+from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator
+from ldtok.meters import ThroughputMeter, peak_memory_mib
+from ldtok.models import ModelConfig, build_model
+from ldtok.perceptual import build_perceptual
+from ldtok.training import autoencoder_step
 
 PERCEPTUAL_NOTE = "perceptual: lpips.LPIPS(net='vgg', pnet_rand=True) on both sides (random VGG backbone, same compute)"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
