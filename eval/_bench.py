@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing as mp
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldtok.atomic import write_text_atomic
 from ldtok.config import from_dict
@@ -56,10 +58,40 @@ from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator
 from ldtok.meters import ThroughputMeter, peak_memory_mib
 from ldtok.models import ModelConfig, build_model
 from ldtok.perceptual import build_perceptual
-from ldtok.training import autoencoder_step
+from ldtok.performance import adamw, resolve_mixed_precision
+from ldtok.training import TrainConfig, autoencoder_step
 
 PERCEPTUAL_NOTE = "perceptual: lpips.LPIPS(net='vgg', pnet_rand=True) on both sides (random VGG backbone, same compute)"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETTINGS = ("equal", "defaults", "custom")
+
+
+@dataclass
+class Options:
+    """How ldtok's side runs: autocast dtype, memory format, `torch.compile`, fused AdamW."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    fused_adamw: bool = False
+
+
+def describe_options(options: Options) -> str:
+    """`"bf16, channels-last, fused AdamW"` and the like."""
+    flags = {"channels-last": options.channels_last, "compile": options.compile, "fused AdamW": options.fused_adamw}
+    return ", ".join([options.precision, *(name for name, on in flags.items() if on)])
+
+
+def ldtok_options(config: BenchConfig, setting: str) -> Options:
+    """ldtok's options under `setting` (see `BenchConfig.settings`)."""
+    if setting == "equal":
+        return Options()
+    if setting == "custom":
+        return Options(precision=config.precision, channels_last=config.channels_last, compile=config.compile)
+    defaults = TrainConfig()
+    precision = resolve_mixed_precision(defaults.mixed_precision, torch.device(config.device))
+    return Options(precision={"no": "fp32"}.get(precision, precision), channels_last=defaults.channels_last,
+                   compile=defaults.compile, fused_adamw=True)
 
 
 @dataclass
@@ -71,10 +103,14 @@ class BenchConfig:
         tasks (`list[str]`): `"train"` (a generator + discriminator step) and/or `"encode"` (images to latents /
             indices, no gradients).
         device (`"cpu"` or `"cuda"`).
-        precision (`"fp32"`, `"bf16"` or `"fp16"`): ldtok's autocast dtype (fp16 with a `GradScaler`); the baseline
-            is always fp32.
-        channels_last (`bool`): ldtok's models and inputs in channels-last memory format.
-        compile (`bool`): `torch.compile` ldtok's autoencoder and discriminator (train) or encode function.
+        settings (`list[str]`): ldtok's side in each comparison: `"equal"` (fp32, eager, NCHW, plain AdamW: the
+            baseline's settings, so the ratio is the algorithmic gain alone), `"defaults"` (the trainer's defaults,
+            `ldtok.training.TrainConfig`: mixed precision `auto`, channels-last, fused AdamW, compile as configured),
+            `"custom"` (`precision`, `channels_last`, `compile` below). The baseline is always fp32 eager.
+        precision (`"fp32"`, `"bf16"` or `"fp16"`): the `custom` setting's autocast dtype (fp16 with a `GradScaler`).
+        channels_last (`bool`): the `custom` setting's memory format for models and inputs.
+        compile (`bool`): the `custom` setting: `torch.compile` the autoencoder and discriminator (train) or the
+            encode function.
         batch_size (`int`): images per step.
         resolution (`int`): image height and width.
         steps (`int`): timed steps per case.
@@ -89,6 +125,7 @@ class BenchConfig:
     presets: list[str] = field(default_factory=lambda: ["demo-kl"])
     tasks: list[str] = field(default_factory=lambda: ["train", "encode"])
     device: Literal["cpu", "cuda"] = "cpu"
+    settings: list[str] = field(default_factory=lambda: ["equal", "defaults"])
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -107,6 +144,8 @@ class BenchConfig:
     def __post_init__(self):
         for task in self.tasks:
             assert task in ("train", "encode"), f"unknown task {task!r}: choose train and/or encode"
+        for setting in self.settings:
+            assert setting in SETTINGS, f"unknown setting {setting!r}: choose from {SETTINGS}"
         assert self.precision in _DTYPES, f"precision must be one of {tuple(_DTYPES)}, got {self.precision!r}"
         assert self.steps > 0 and self.warmup >= 0, f"steps must be > 0, warmup >= 0; got {self.steps}, {self.warmup}"
         assert self.repeats > 0, f"repeats must be > 0, got {self.repeats}"
@@ -208,8 +247,9 @@ class LdtokTrainStep:
     """
 
     def __init__(self, *, model: ModelConfig, loss: LossConfig, weights: Path, device: torch.device,
-                 precision: str = "fp32", channels_last: bool = False, compile: bool = False, lr: float = 1e-4,
-                 betas: tuple[float, float] = (0.5, 0.9), max_grad_norm: float = 1.0):
+                 options: Options = Options(), lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9),
+                 max_grad_norm: float = 1.0):
+        precision, channels_last, compile = options.precision, options.channels_last, options.compile
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.raw_model = _load(build_model(model), weights / "ldtok.safetensors")
         self.raw_model.to(device, memory_format=memory_format)
@@ -218,8 +258,12 @@ class LdtokTrainStep:
         perceptual = build_perceptual(loss.perceptual, random_init=loss.perceptual_random_init)
         _load(perceptual.net, weights / "perceptual.safetensors")
         self.loss_fn = AutoencoderLoss(config=loss, perceptual=perceptual).to(device)
-        self.opt_g = torch.optim.AdamW(self.raw_model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-        self.opt_d = torch.optim.AdamW(self.raw_disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+        if options.fused_adamw:
+            self.opt_g = adamw(self.raw_model.parameters(), lr=lr, betas=betas, weight_decay=0.0, device=device)
+            self.opt_d = adamw(self.raw_disc.parameters(), lr=lr, betas=betas, weight_decay=0.0, device=device)
+        else:
+            self.opt_g = torch.optim.AdamW(self.raw_model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+            self.opt_d = torch.optim.AdamW(self.raw_disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.max_grad_norm = max_grad_norm
         if precision != "fp32":
@@ -304,15 +348,16 @@ class BaselineTrainStep:
         return StepLosses(generator=loss.detach(), discriminator=d_loss.detach())
 
 
-def ldtok_encoder(*, model: ModelConfig, weights: Path, device: torch.device, precision: str = "fp32",
-                  channels_last: bool = False, compile: bool = False) -> Callable[[Tensor], Tensor]:
+def ldtok_encoder(*, model: ModelConfig, weights: Path, device: torch.device,
+                  options: Options = Options()) -> Callable[[Tensor], Tensor]:
     """ldtok's encoding: `encode_latents` (KL: the posterior's mean) or `encode_to_indices` (VQ), eval mode."""
+    precision, channels_last, compile = options.precision, options.channels_last, options.compile
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     ae = _load(build_model(model), weights / "ldtok.safetensors").to(device, memory_format=memory_format).eval()
     encode = ae.encode_latents if model.type == "kl" else ae.encode_to_indices
     encode = torch.compile(encode) if compile else encode
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(x: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=_DTYPES[precision], enabled=precision != "fp32"):
             return encode(x)
@@ -339,13 +384,15 @@ def baseline_encoder(*, model: ModelConfig, weights: Path, device: torch.device)
 
 @dataclass
 class Case:
-    """One measurement: `side` (`"baseline"` or `"ldtok"`) running `task` on `preset` with the `weights`."""
+    """One measurement: `side` (`"baseline"` or `"ldtok"`) running `task` on `preset` with the `weights`, ldtok
+    under `setting`."""
 
     config: BenchConfig
     preset: str
     task: str
     side: str
     weights: str
+    setting: str = "equal"
 
 
 @dataclass
@@ -361,6 +408,10 @@ class CaseResult:
         build_peak_memory_mib (`float`): peak before the steps (building included).
         cpu_seconds (`float`): CPU time of the process over the timed steps (all threads), a check on the wall clock.
         loss (`float`, *optional*): the last step's generator loss (train cases).
+        threads (`int`): torch's intra-op threads (CPU: `images_per_s / threads` is the rate per core).
+        flops_per_step (`float`): FLOPs of one step (`torch.utils.flop_counter`, counted on the first warm-up step).
+        tflops (`float`): achieved `flops_per_step * steps / seconds`, in TFLOP/s.
+        mfu (`float`, *optional*): `tflops` over the GPU's dense peak for the case's dtype (`peak_tflops`), CUDA only.
     """
 
     images_per_s: float
@@ -371,6 +422,14 @@ class CaseResult:
     seconds: float
     cpu_seconds: float
     loss: float | None = None
+    threads: int = 1
+    flops_per_step: float = 0.0
+    tflops: float = 0.0
+    mfu: float | None = None
+
+    @property
+    def images_per_s_per_core(self) -> float:
+        return self.images_per_s / self.threads
 
 
 def _current_memory_mib(device: torch.device) -> float:
@@ -406,7 +465,8 @@ def run_case(case: Case) -> CaseResult:
     weights = Path(case.weights)
     ldtok = case.side == "ldtok"
     torch.manual_seed(cfg.seed)
-    options = {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile} if ldtok else {}
+    opts = ldtok_options(cfg, case.setting)
+    options = {"options": opts} if ldtok else {}
     if case.task == "train":
         cls = LdtokTrainStep if ldtok else BaselineTrainStep
         step_fn = cls(model=model, loss=loss_config(cfg), weights=weights, device=device, lr=cfg.lr,
@@ -418,25 +478,50 @@ def run_case(case: Case) -> CaseResult:
             return encode(x)
     generator = torch.Generator().manual_seed(cfg.seed)
     x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1  # (B, 3, R, R)
-    x = x.to(device, memory_format=torch.channels_last if ldtok and cfg.channels_last else torch.contiguous_format)
+    x = x.to(device, memory_format=torch.channels_last if ldtok and opts.channels_last else torch.contiguous_format)
 
     gc.collect()
     build_peak = peak_memory_mib(device)
     scope = "steps" if _reset_peak_memory(device) else "process"
     start = _current_memory_mib(device)
     meter = ThroughputMeter(warmup=cfg.warmup)
-    out, cpu_start = None, 0.0
+    out, cpu_start, flops = None, 0.0, 0.0
     for step in range(cfg.warmup + cfg.steps):
         if step == cfg.warmup:
             cpu_start = time.process_time()
         meter.start()
-        out = step_fn(x, step)
+        if step == 0 and cfg.warmup > 0:  # FLOPs of one step, counted outside the timed steps
+            with FlopCounterMode(display=False) as counter:
+                out = step_fn(x, step)
+            flops = float(counter.get_total_flops())
+        else:
+            out = step_fn(x, step)
         meter.stop(cfg.batch_size)
     loss = float(out.generator) if isinstance(out, StepLosses) else None
     assert loss is None or math.isfinite(loss), f"{case.side} {case.task} {case.preset}: non-finite loss {loss}"
+    tflops = flops * cfg.steps / meter.seconds / 1e12
+    peak = peak_tflops(device, opts.precision if ldtok else "fp32")
     return CaseResult(images_per_s=meter.rate(), peak_memory_mib=peak_memory_mib(device), start_memory_mib=start,
                       build_peak_memory_mib=build_peak, peak_scope=scope, seconds=meter.seconds,
-                      cpu_seconds=time.process_time() - cpu_start, loss=loss)
+                      cpu_seconds=time.process_time() - cpu_start, loss=loss, threads=torch.get_num_threads(),
+                      flops_per_step=flops, tflops=tflops, mfu=tflops / peak if peak else None)
+
+
+# Dense tensor-core peaks (TFLOP/s) by GPU name and dtype; fp32 runs as TF32 where the trainer enables it.
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+               "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The GPU's dense peak for `precision`, when its name is in `PEAK_TFLOPS`; `None` on CPU or unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
 
 
 def _run_in_fresh_process(case: Case) -> CaseResult:
@@ -461,10 +546,11 @@ def _run_here(case: Case) -> CaseResult:
 
 @dataclass
 class Row:
-    """One comparison: `name` (e.g. `"train demo-kl"`), each side's fastest `CaseResult`, the images per second of
-    every repeat (`runs`, by side) and the ldtok / baseline ratios."""
+    """One comparison: `name` (e.g. `"train demo-kl"`), ldtok's `setting`, each side's fastest `CaseResult`, the
+    images per second of every repeat (`runs`, by side; repeat i of both sides ran back to back) and the ratios."""
 
     name: str
+    setting: str
     baseline: CaseResult
     ldtok: CaseResult
     runs: dict[str, list[float]] = field(default_factory=dict)
@@ -472,6 +558,11 @@ class Row:
     @property
     def speedup(self) -> float:
         return self.ldtok.images_per_s / self.baseline.images_per_s
+
+    @property
+    def speedups(self) -> list[float]:
+        """ldtok / baseline of each repeat, sorted: min, median and max give the spread."""
+        return sorted(a / b for a, b in zip(self.runs["ldtok"], self.runs["baseline"]))
 
     @property
     def cpu_time_speedup(self) -> float:
@@ -484,8 +575,8 @@ class Row:
 
 def run_benchmark(config: BenchConfig, *, work_dir: str | Path | None = None,
                   log: Callable[[str], None] = lambda message: None) -> list[Row]:
-    """Measure every (preset, task): baseline, ldtok, `repeats` times. Weights go to `work_dir` (default: a temporary
-    folder)."""
+    """Measure every (preset, task): the baseline and ldtok under each setting, `repeats` times, alternating. Weights
+    go to `work_dir` (default: a temporary folder)."""
     assert config.device != "cuda" or torch.cuda.is_available(), "device cuda requested, but CUDA is not available"
     run = _run_in_fresh_process if config.device == "cpu" else _run_here
     rows = []
@@ -493,28 +584,48 @@ def run_benchmark(config: BenchConfig, *, work_dir: str | Path | None = None,
         for preset in config.presets:
             weights = prepare_weights(config, model_config(preset, config.resolution), Path(tmp) / preset)
             for task in config.tasks:
-                runs: dict[str, list[CaseResult]] = {"baseline": [], "ldtok": []}
+                sides = [("baseline", "equal")] + [("ldtok", setting) for setting in config.settings]
+                runs: dict[tuple[str, str], list[CaseResult]] = {side: [] for side in sides}
                 for repeat in range(config.repeats):
-                    for side, results in runs.items():
-                        log(f"{task} {preset}: {side} ({repeat + 1}/{config.repeats}) ...")
+                    for (side, setting), results in runs.items():
+                        label = side if side == "baseline" else f"{side} ({setting})"
+                        log(f"{task} {preset}: {label} ({repeat + 1}/{config.repeats}) ...")
                         results.append(run(Case(config=config, preset=preset, task=task, side=side,
-                                                weights=str(weights))))
-                best = {side: max(results, key=lambda r: r.images_per_s) for side, results in runs.items()}
-                rows.append(Row(name=f"{task} {preset}", **best,
-                                runs={side: [r.images_per_s for r in results] for side, results in runs.items()}))
+                                                weights=str(weights), setting=setting)))
+                baseline = runs[("baseline", "equal")]
+                for setting in config.settings:
+                    ldtok = runs[("ldtok", setting)]
+                    rows.append(Row(name=f"{task} {preset}", setting=setting,
+                                    baseline=max(baseline, key=lambda r: r.images_per_s),
+                                    ldtok=max(ldtok, key=lambda r: r.images_per_s),
+                                    runs={"baseline": [r.images_per_s for r in baseline],
+                                          "ldtok": [r.images_per_s for r in ldtok]}))
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    """The ratio table: throughput and peak memory of both sides, ratios ldtok / baseline."""
-    header = ("name", "baseline img/s", "ldtok img/s", "ratio", "baseline peak MiB", "ldtok peak MiB", "ratio")
-    lines = [[r.name, f"{r.baseline.images_per_s:.2f}", f"{r.ldtok.images_per_s:.2f}", f"{r.speedup:.2f}x",
-              f"{r.baseline.peak_memory_mib:.0f}", f"{r.ldtok.peak_memory_mib:.0f}", f"{r.memory_ratio:.2f}x"]
-             for r in rows]
+def format_table(rows: list[Row], *, device: str = "cpu") -> str:
+    """The ratio table: throughput (best run, and per core on CPU / TFLOP/s and MFU on CUDA) and peak memory of both
+    sides; ratios ldtok / baseline, with the min-median-max over the repeats."""
+    cuda = device == "cuda"
+    extra = ("baseline TFLOP/s", "ldtok TFLOP/s", "ldtok MFU") if cuda else ("baseline img/s/core", "ldtok img/s/core")
+    header = ("name", "setting", "baseline img/s", "ldtok img/s", "ratio", "min-med-max", *extra, "baseline peak MiB",
+              "ldtok peak MiB", "mem ratio")
+    lines = []
+    for r in rows:
+        spread = r.speedups
+        cells = [r.name, r.setting, f"{r.baseline.images_per_s:.2f}", f"{r.ldtok.images_per_s:.2f}",
+                 f"{r.speedup:.2f}x", f"{spread[0]:.2f}-{statistics.median(spread):.2f}-{spread[-1]:.2f}"]
+        if cuda:
+            mfu = f"{100 * r.ldtok.mfu:.1f}%" if r.ldtok.mfu is not None else "-"
+            cells += [f"{r.baseline.tflops:.1f}", f"{r.ldtok.tflops:.1f}", mfu]
+        else:
+            cells += [f"{r.baseline.images_per_s_per_core:.2f}", f"{r.ldtok.images_per_s_per_core:.2f}"]
+        cells += [f"{r.baseline.peak_memory_mib:.0f}", f"{r.ldtok.peak_memory_mib:.0f}", f"{r.memory_ratio:.2f}x"]
+        lines.append(cells)
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
 
     def fmt(cells) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
@@ -538,8 +649,12 @@ def write_report(path: str | Path, config: BenchConfig, rows: list[Row]) -> None
         "notes": [PERCEPTUAL_NOTE, f"peak memory: {memory}", "ratios are ldtok / baseline",
                   "baseline: diffusers model + lpips + PatchDiscriminator, fp32, eager",
                   "inputs: one fixed random batch; images_per_s: each side's fastest of `repeats` runs"],
-        "rows": [{"name": r.name, "baseline": asdict(r.baseline), "ldtok": asdict(r.ldtok), "speedup": r.speedup,
+        "rows": [{"name": r.name, "setting": r.setting, "options": asdict(ldtok_options(config, r.setting)),
+                  "baseline": asdict(r.baseline), "ldtok": asdict(r.ldtok), "speedup": r.speedup,
+                  "speedup_min_median_max": [r.speedups[0], statistics.median(r.speedups), r.speedups[-1]],
                   "cpu_time_speedup": r.cpu_time_speedup, "memory_ratio": r.memory_ratio,
+                  "ldtok_images_per_s_per_core": r.ldtok.images_per_s_per_core,
+                  "baseline_images_per_s_per_core": r.baseline.images_per_s_per_core,
                   "runs_images_per_s": r.runs} for r in rows],
     }
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
