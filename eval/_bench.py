@@ -66,7 +66,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = ("equal", "defaults", "custom")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     """How ldtok's side runs: autocast dtype, memory format, `torch.compile`, fused AdamW."""
 
@@ -74,6 +74,9 @@ class Options:
     channels_last: bool = False
     compile: bool = False
     fused_adamw: bool = False
+
+
+EQUAL = Options()  # the baseline's own settings
 
 
 def describe_options(options: Options) -> str:
@@ -85,7 +88,7 @@ def describe_options(options: Options) -> str:
 def ldtok_options(config: BenchConfig, setting: str) -> Options:
     """ldtok's options under `setting` (see `BenchConfig.settings`)."""
     if setting == "equal":
-        return Options()
+        return EQUAL
     if setting == "custom":
         return Options(precision=config.precision, channels_last=config.channels_last, compile=config.compile)
     defaults = TrainConfig()
@@ -247,7 +250,7 @@ class LdtokTrainStep:
     """
 
     def __init__(self, *, model: ModelConfig, loss: LossConfig, weights: Path, device: torch.device,
-                 options: Options = Options(), lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9),
+                 options: Options = EQUAL, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9),
                  max_grad_norm: float = 1.0):
         precision, channels_last, compile = options.precision, options.channels_last, options.compile
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -349,7 +352,7 @@ class BaselineTrainStep:
 
 
 def ldtok_encoder(*, model: ModelConfig, weights: Path, device: torch.device,
-                  options: Options = Options()) -> Callable[[Tensor], Tensor]:
+                  options: Options = EQUAL) -> Callable[[Tensor], Tensor]:
     """ldtok's encoding: `encode_latents` (KL: the posterior's mean) or `encode_to_indices` (VQ), eval mode."""
     precision, channels_last, compile = options.precision, options.channels_last, options.compile
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

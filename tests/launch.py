@@ -19,8 +19,8 @@ def launch(*overrides, processes: int = 1, script: str = "train/vae.py", config:
            check: bool = True, tiny: bool = True, precision: str = "no") -> subprocess.CompletedProcess:
     # `--cpu --num_processes 2` alone starts one process; `--multi_gpu` with ACCELERATE_USE_CPU starts gloo ranks.
     multi = ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
-    cmd = [*ACCELERATE, "--mixed_precision", precision, *multi, "--num_processes", str(processes), str(ROOT / script), "--config",
-           str(ROOT / config), *(TINY if tiny else []), *overrides]
+    cmd = [*ACCELERATE, "--mixed_precision", precision, *multi, "--num_processes", str(processes), str(ROOT / script),
+           "--config", str(ROOT / config), *(TINY if tiny else []), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     if check:
