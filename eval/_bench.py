@@ -27,56 +27,41 @@ libraries, so every case starts from the same footprint), its high-water mark re
 from __future__ import annotations
 
 import gc
-import json
 import math
 import multiprocessing as mp
 import re
-import statistics
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import diffusers
-import lpips
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor, nn
+from _bench_steps import (  # noqa: F401  (re-exported: the benchmark's public names)
+    DTYPES,
+    EQUAL,
+    BaselineTrainStep,
+    LdtokTrainStep,
+    Options,
+    StepLosses,
+    baseline_encoder,
+    ldtok_encoder,
+    loss_config,
+    prepare_weights,
+)
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldtok.atomic import write_text_atomic
 from ldtok.config import from_dict
-from ldtok.discriminator import PatchDiscriminator
-from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator
 from ldtok.meters import ThroughputMeter, peak_memory_mib
-from ldtok.models import ModelConfig, build_model
-from ldtok.perceptual import build_perceptual
-from ldtok.performance import adamw, resolve_mixed_precision
-from ldtok.training import TrainConfig, autoencoder_step
+from ldtok.models import ModelConfig
+from ldtok.performance import resolve_mixed_precision
+from ldtok.training import TrainConfig
 
 PERCEPTUAL_NOTE = "perceptual: lpips.LPIPS(net='vgg', pnet_rand=True) on both sides (random VGG backbone, same compute)"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = ("equal", "defaults", "custom")
-
-
-@dataclass(frozen=True)
-class Options:
-    """How ldtok's side runs: autocast dtype, memory format, `torch.compile`, fused AdamW."""
-
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    fused_adamw: bool = False
-
-
-EQUAL = Options()  # the baseline's own settings
 
 
 def describe_options(options: Options) -> str:
@@ -149,21 +134,11 @@ class BenchConfig:
             assert task in ("train", "encode"), f"unknown task {task!r}: choose train and/or encode"
         for setting in self.settings:
             assert setting in SETTINGS, f"unknown setting {setting!r}: choose from {SETTINGS}"
-        assert self.precision in _DTYPES, f"precision must be one of {tuple(_DTYPES)}, got {self.precision!r}"
+        assert self.precision in DTYPES, f"precision must be one of {tuple(DTYPES)}, got {self.precision!r}"
         assert self.steps > 0 and self.warmup >= 0, f"steps must be > 0, warmup >= 0; got {self.steps}, {self.warmup}"
         assert self.repeats > 0, f"repeats must be > 0, got {self.repeats}"
         for preset in self.presets:
             model_config(preset, self.resolution)  # raises for unknown presets and families without a baseline
-
-
-def loss_config(config: BenchConfig) -> LossConfig:
-    """LDM's recipe with the GAN on from step 0 and the random-backbone LPIPS; the baseline implements exactly this."""
-    return LossConfig(
-        reconstruction="l1", perceptual="lpips-vgg", perceptual_random_init=True, perceptual_weight=1.0,
-        disc_loss="hinge", disc_weight=0.5, disc_start=0, adaptive_weight=True, kl_weight=1e-6, quant_weight=1.0,
-        disc_channels=config.disc_channels, disc_layers=config.disc_layers,
-    )
-
 
 def model_config(preset: str, resolution: int, overrides: dict | None = None) -> ModelConfig:
     """The preset's `ModelConfig` at `resolution`; `overrides` (`model.*` keys, validated) replace the preset's."""
@@ -173,214 +148,6 @@ def model_config(preset: str, resolution: int, overrides: dict | None = None) ->
     f = config.downsample_factor
     assert resolution % f == 0, f"resolution {resolution} not divisible by preset {preset!r}'s downsampling factor {f}"
     return config
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-def prepare_weights(config: BenchConfig, model: ModelConfig, directory: str | Path) -> Path:
-    """Write the weights both sides start from into `directory`: ldtok's model (`ldtok.safetensors`), its diffusers
-    export (`diffusers/`, the baseline's model), the discriminator and the perceptual network."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    ae = build_model(model)
-    _save(ae, directory / "ldtok.safetensors")
-    ae.export(directory / "diffusers")
-    _save(build_discriminator(loss_config(config)), directory / "discriminator.safetensors")
-    _save(build_perceptual("lpips-vgg", random_init=True).net, directory / "perceptual.safetensors")
-    return directory
-
-
-def _save(module: nn.Module, path: Path) -> None:
-    # clone: LPIPS registers its heads twice (`lins.k` and `link`), and safetensors refuses shared storage
-    save_file({k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, str(path))
-
-
-@torch.no_grad()
-def _load(module: nn.Module, path: Path) -> nn.Module:
-    """Copy weights in tensor by tensor (no second full copy of the model, which would count in the peak memory)."""
-    state = module.state_dict()
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        assert keys == set(state), f"{path}: keys differ from the model's: {sorted(keys ^ set(state))[:5]}"
-        for key in keys:
-            state[key].copy_(f.get_tensor(key))
-    return module
-
-
-def _lpips_vgg() -> lpips.LPIPS:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\..*")
-        return lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-
-
-def _diffusers_model(directory: Path) -> nn.Module:
-    """The exported diffusers model (`AutoencoderKL` / `VQModel`, per its `_class_name`), with its weights."""
-    name = json.loads((directory / "config.json").read_text())["_class_name"]
-    cls = getattr(diffusers, name)
-    return _load(cls.from_config(cls.load_config(directory)), directory / "diffusion_pytorch_model.safetensors")
-
-
-# ------------------------------------------------------------------------------------------------ steps
-
-
-@dataclass
-class StepLosses:
-    """The scalars of one training step (detached): `generator` (the autoencoder's loss) and `discriminator`."""
-
-    generator: Tensor
-    discriminator: Tensor
-
-
-def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    # What `Accelerator.prepare` does to each prepared model under mixed precision: only its forward is autocast.
-    forward = module.forward
-
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast(device_type, dtype=dtype):
-            return forward(*args, **kwargs)
-
-    module.forward = autocast_forward
-
-
-class LdtokTrainStep:
-    """ldtok's training step (`ldtok.training.autoencoder_step`, without Accelerate), called as
-    `step_fn(x, step) -> StepLosses`. `weights`: a `prepare_weights` folder; the other arguments as in `BenchConfig`.
-    """
-
-    def __init__(self, *, model: ModelConfig, loss: LossConfig, weights: Path, device: torch.device,
-                 options: Options = EQUAL, lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9),
-                 max_grad_norm: float = 1.0):
-        precision, channels_last, compile = options.precision, options.channels_last, options.compile
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.raw_model = _load(build_model(model), weights / "ldtok.safetensors")
-        self.raw_model.to(device, memory_format=memory_format)
-        self.raw_disc = _load(build_discriminator(loss), weights / "discriminator.safetensors")
-        self.raw_disc.to(device, memory_format=memory_format)
-        perceptual = build_perceptual(loss.perceptual, random_init=loss.perceptual_random_init)
-        _load(perceptual.net, weights / "perceptual.safetensors")
-        self.loss_fn = AutoencoderLoss(config=loss, perceptual=perceptual).to(device)
-        if options.fused_adamw:
-            self.opt_g = adamw(self.raw_model.parameters(), lr=lr, betas=betas, weight_decay=0.0, device=device)
-            self.opt_d = adamw(self.raw_disc.parameters(), lr=lr, betas=betas, weight_decay=0.0, device=device)
-        else:
-            self.opt_g = torch.optim.AdamW(self.raw_model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-            self.opt_d = torch.optim.AdamW(self.raw_disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.max_grad_norm = max_grad_norm
-        if precision != "fp32":
-            for module in (self.raw_model, self.raw_disc):
-                _autocast_forward(module, device.type, _DTYPES[precision])
-        self.model = torch.compile(self.raw_model) if compile else self.raw_model
-        self.disc = torch.compile(self.raw_disc) if compile else self.raw_disc
-        self.model.train()
-        self.disc.train()
-
-    def _update(self, loss: Tensor, optimizer: torch.optim.Optimizer, module: nn.Module) -> Tensor:
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm)
-        self.scaler.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    def __call__(self, x: Tensor, step: int) -> StepLosses:
-        terms = autoencoder_step(  # the trainer's own step function
-            model=self.model, disc=self.disc, raw_disc=self.raw_disc, last_layer=self.raw_model.last_layer,
-            loss_fn=self.loss_fn, opt_g=self.opt_g, opt_d=self.opt_d, x=x, x_in=x, step=step, update=self._update,
-        )
-        self.scaler.update()
-        return StepLosses(generator=terms["loss"], discriminator=terms.get("disc_loss", torch.zeros(())))
-
-
-class BaselineTrainStep:
-    """The anchor-style step (module docstring): a diffusers model, `lpips.LPIPS` and the PatchGAN, fp32 and eager.
-    Arguments as for `LdtokTrainStep`. VQ: diffusers' quantizer trains its codebook by gradient and does not
-    normalize (ldtok's EMA / l2-normalized codebooks pick other codes; the compute is the same)."""
-
-    def __init__(self, *, model: ModelConfig, loss: LossConfig, weights: Path, device: torch.device,
-                 lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9), max_grad_norm: float = 1.0):
-        implemented = {"reconstruction": "l1", "rec_weight": 1.0, "disc_loss": "hinge", "adaptive_weight": True,
-                       "lecam_weight": 0.0, "kl_warmup_steps": 0, "free_bits": 0.0}
-        for name, value in implemented.items():
-            assert getattr(loss, name) == value, f"the baseline implements loss.{name}={value!r} only"
-        self.loss = loss
-        self.kl = model.type == "kl"
-        self.vae = _diffusers_model(weights / "diffusers").to(device).train()
-        self.disc = _load(PatchDiscriminator(in_channels=3, channels=loss.disc_channels, num_layers=loss.disc_layers),
-                          weights / "discriminator.safetensors").to(device).train()
-        self.lpips = _load(_lpips_vgg(), weights / "perceptual.safetensors").to(device).eval().requires_grad_(False)
-        self.opt_g = torch.optim.AdamW(self.vae.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-        self.max_grad_norm = max_grad_norm
-
-    def __call__(self, x: Tensor, step: int) -> StepLosses:
-        cfg = self.loss
-        _, C, H, W = x.shape
-        # autoencoder step
-        if self.kl:
-            posterior = self.vae.encode(x).latent_dist
-            x_rec = self.vae.decode(posterior.sample()).sample
-            reg = cfg.kl_weight * posterior.kl().mean() / (C * H * W)  # LDM's KL sum per sample, per image value
-        else:
-            x_rec, commit_loss = self.vae(x, return_dict=False)
-            reg = cfg.quant_weight * commit_loss
-        rec_loss = (x_rec - x).abs().mean()
-        p_loss = self.lpips(x_rec, x).mean()
-        nll_loss = rec_loss + cfg.perceptual_weight * p_loss
-        g_loss = -self.disc(x_rec).mean()
-        last_layer = self.vae.decoder.conv_out.weight
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        d_weight = torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, cfg.adaptive_weight_max)
-        loss = nll_loss + reg + d_weight.detach() * cfg.disc_weight * g_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.max_grad_norm)
-        self.opt_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
-        # discriminator step
-        self.opt_d.zero_grad(set_to_none=True)  # the generator loss's backward filled these
-        logits_real = self.disc(x.detach())
-        logits_fake = self.disc(x_rec.detach())
-        d_loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
-        d_loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.max_grad_norm)
-        self.opt_d.step()
-        self.opt_d.zero_grad(set_to_none=True)
-        return StepLosses(generator=loss.detach(), discriminator=d_loss.detach())
-
-
-def ldtok_encoder(*, model: ModelConfig, weights: Path, device: torch.device,
-                  options: Options = EQUAL) -> Callable[[Tensor], Tensor]:
-    """ldtok's encoding: `encode_latents` (KL: the posterior's mean) or `encode_to_indices` (VQ), eval mode."""
-    precision, channels_last, compile = options.precision, options.channels_last, options.compile
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    ae = _load(build_model(model), weights / "ldtok.safetensors").to(device, memory_format=memory_format).eval()
-    encode = ae.encode_latents if model.type == "kl" else ae.encode_to_indices
-    encode = torch.compile(encode) if compile else encode
-
-    @torch.inference_mode()
-    def run(x: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=_DTYPES[precision], enabled=precision != "fp32"):
-            return encode(x)
-
-    return run
-
-
-def baseline_encoder(*, model: ModelConfig, weights: Path, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """The diffusers way: `vae.encode(x).latent_dist.mode()`, or `VQModel.encode` + its quantizer's indices."""
-    vae = _diffusers_model(weights / "diffusers").to(device).eval()
-
-    @torch.no_grad()
-    def run(x: Tensor) -> Tensor:
-        if model.type == "kl":
-            return vae.encode(x).latent_dist.mode()
-        _, _, (_, _, indices) = vae.quantize(vae.encode(x).latents)
-        return indices
-
-    return run
-
 
 # ------------------------------------------------------------------------------------------------ cases
 
@@ -429,6 +196,12 @@ class CaseResult:
     flops_per_step: float = 0.0
     tflops: float = 0.0
     mfu: float | None = None
+    batch_size: int = 1
+
+    @property
+    def peak_memory_per_image_mib(self) -> float:
+        """Peak memory over the batch size: what one more image per step costs, at most."""
+        return self.peak_memory_mib / self.batch_size
 
     @property
     def images_per_s_per_core(self) -> float:
@@ -507,7 +280,8 @@ def run_case(case: Case) -> CaseResult:
     return CaseResult(images_per_s=meter.rate(), peak_memory_mib=peak_memory_mib(device), start_memory_mib=start,
                       build_peak_memory_mib=build_peak, peak_scope=scope, seconds=meter.seconds,
                       cpu_seconds=time.process_time() - cpu_start, loss=loss, threads=torch.get_num_threads(),
-                      flops_per_step=flops, tflops=tflops, mfu=tflops / peak if peak else None)
+                      flops_per_step=flops, tflops=tflops, mfu=tflops / peak if peak else None,
+                      batch_size=cfg.batch_size)
 
 
 # Dense tensor-core peaks (TFLOP/s) by GPU name and dtype; fp32 runs as TF32 where the trainer enables it.
@@ -604,67 +378,3 @@ def run_benchmark(config: BenchConfig, *, work_dir: str | Path | None = None,
                                     runs={"baseline": [r.images_per_s for r in baseline],
                                           "ldtok": [r.images_per_s for r in ldtok]}))
     return rows
-
-
-def format_table(rows: list[Row], *, device: str = "cpu") -> str:
-    """The ratio table: throughput (best run, and per core on CPU / TFLOP/s and MFU on CUDA) and peak memory of both
-    sides; ratios ldtok / baseline, with the min-median-max over the repeats."""
-    cuda = device == "cuda"
-    extra = ("baseline TFLOP/s", "ldtok TFLOP/s", "ldtok MFU") if cuda else ("baseline img/s/core", "ldtok img/s/core")
-    header = ("name", "setting", "baseline img/s", "ldtok img/s", "ratio", "min-med-max", *extra, "baseline peak MiB",
-              "ldtok peak MiB", "mem ratio")
-    lines = []
-    for r in rows:
-        spread = r.speedups
-        cells = [r.name, r.setting, f"{r.baseline.images_per_s:.2f}", f"{r.ldtok.images_per_s:.2f}",
-                 f"{r.speedup:.2f}x", f"{spread[0]:.2f}-{statistics.median(spread):.2f}-{spread[-1]:.2f}"]
-        if cuda:
-            mfu = f"{100 * r.ldtok.mfu:.1f}%" if r.ldtok.mfu is not None else "-"
-            cells += [f"{r.baseline.tflops:.1f}", f"{r.ldtok.tflops:.1f}", mfu]
-        else:
-            cells += [f"{r.baseline.images_per_s_per_core:.2f}", f"{r.ldtok.images_per_s_per_core:.2f}"]
-        cells += [f"{r.baseline.peak_memory_mib:.0f}", f"{r.ldtok.peak_memory_mib:.0f}", f"{r.memory_ratio:.2f}x"]
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-
-    def fmt(cells) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
-
-
-def environment(config: BenchConfig) -> dict:
-    """Versions and hardware, for the JSON report."""
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "threads": torch.get_num_threads()}
-    if config.device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
-def write_report(path: str | Path, config: BenchConfig, rows: list[Row]) -> None:
-    """Write the rows, the config and the environment as JSON (atomically)."""
-    memory = ("torch.cuda.max_memory_allocated over the steps" if config.device == "cuda" else
-              "ru_maxrss of a fresh process per case, high-water mark reset after building (see peak_scope)")
-    report = {
-        "config": asdict(config),
-        "environment": environment(config),
-        "notes": [PERCEPTUAL_NOTE, f"peak memory: {memory}", "ratios are ldtok / baseline",
-                  "baseline: diffusers model + lpips + PatchDiscriminator, fp32, eager",
-                  "inputs: one fixed random batch; images_per_s: each side's fastest of `repeats` runs"],
-        "rows": [{"name": r.name, "setting": r.setting, "options": asdict(ldtok_options(config, r.setting)),
-                  "baseline": asdict(r.baseline), "ldtok": asdict(r.ldtok), "speedup": r.speedup,
-                  "speedup_min_median_max": [r.speedups[0], statistics.median(r.speedups), r.speedups[-1]],
-                  "cpu_time_speedup": r.cpu_time_speedup, "memory_ratio": r.memory_ratio,
-                  "ldtok_images_per_s_per_core": r.ldtok.images_per_s_per_core,
-                  "baseline_images_per_s_per_core": r.baseline.images_per_s_per_core,
-                  "runs_images_per_s": r.runs} for r in rows],
-    }
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-
-
-__all__ = [
-    "BaselineTrainStep", "BenchConfig", "Case", "CaseResult", "LdtokTrainStep", "Row", "StepLosses", "baseline_encoder",
-    "format_table", "ldtok_encoder", "loss_config", "model_config", "prepare_weights", "run_benchmark", "run_case",
-    "write_report",
-]

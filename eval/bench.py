@@ -17,16 +17,8 @@ with the chosen options. Both start from the same weights; the perceptual networ
 import argparse
 import sys
 
-from _bench import (
-    PERCEPTUAL_NOTE,
-    SETTINGS,
-    BenchConfig,
-    describe_options,
-    format_table,
-    ldtok_options,
-    run_benchmark,
-    write_report,
-)
+from _bench import PERCEPTUAL_NOTE, SETTINGS, BenchConfig, describe_options, ldtok_options, run_benchmark
+from _bench_report import format_table, write_report
 
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, str]:
