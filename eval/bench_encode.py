@@ -9,13 +9,13 @@ samples); naive: diffusers `from_pretrained`, then per file PIL + torchvision Re
 in fp32, latents kept in a list and `torch.save`d at the end. 1x: the first `--num-images` files of `--source-dir`
 (default: the 512 training crops of the default dataset); 10x: a folder linking each of them `--scale` times. Peak
 memory: `ru_maxrss` of each process. The defaults (256 and 2560 images at 64 px) take about 1.5 minutes per demo model
-on 2 CPU cores. See `ldtok.benchmark_encode` for exactly what is measured. Prints the table, writes JSON.
+on 2 CPU cores. See `eval/_bench_encode.py` for exactly what is measured. Prints the table, writes JSON.
 """
 
 import argparse
 import sys
 
-from ldtok.benchmark_encode import EncodeBenchConfig, format_table, run_benchmark, write_report
+from _bench_encode import EncodeBenchConfig, format_table, run_benchmark, write_report
 
 
 def parse(argv: list[str] | None = None) -> tuple[EncodeBenchConfig, str, str | None]:
@@ -33,7 +33,7 @@ def parse(argv: list[str] | None = None) -> tuple[EncodeBenchConfig, str, str | 
                              "batch: shards larger than the 1x data would make 1x -> 10x measure the shard buffer)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of every measured process; 0: torch's default, one per core (on a "
-                             "busy machine those threads fight other processes: see ldtok.benchmark_encode)")
+                             "busy machine those threads fight other processes: see eval/_bench_encode.py)")
     parser.add_argument("--source-dir", help="folder of images (default: the default dataset's training crops)")
     parser.add_argument("--work-dir", help="where the temporary image folders and outputs go (default: $TMPDIR)")
     parser.add_argument("--out", default="runs/bench/encode.json", help="JSON report path")

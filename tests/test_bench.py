@@ -1,15 +1,17 @@
-"""The benchmark (`eval/bench.py`, `ldtok.benchmark`): a CPU smoke run, and the baseline computing what ldtok does."""
+"""The benchmark (`eval/bench.py`, `eval/_bench.py`): a CPU smoke run, and the baseline computing what ldtok does."""
 
 import importlib.util
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from ldtok.benchmark import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # the benchmark code lives beside the library
+from _bench import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--resolution", "32", "--batch-size", "2", "--disc-channels", "16", "--disc-layers", "2"]
@@ -23,32 +25,46 @@ def _bench_script():
 
 
 def test_cpu_smoke_run_prints_the_table_and_writes_json(tmp_path, capsys):
-    # bf16 + channels-last: also runs ldtok's option path (the fp32 path is the equivalence test's)
+    # custom bf16 + channels-last: also runs ldtok's option path (the fp32 path is the equivalence test's)
     out = tmp_path / "report" / "bench.json"
-    _bench_script().main(["--preset", "demo-kl", *TINY, "--steps", "2", "--warmup", "1", "--precision", "bf16",
-                          "--channels-last", "--out", str(out)])
+    _bench_script().main(["--preset", "demo-kl", *TINY, "--steps", "2", "--warmup", "1", "--settings", "equal",
+                          "defaults", "custom", "--precision", "bf16", "--channels-last", "--out", str(out)])
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("name"))
-    assert header.split() == ["name", "baseline", "img/s", "ldtok", "img/s", "ratio", "baseline", "peak", "MiB",
-                              "ldtok", "peak", "MiB", "ratio"]
+    assert header.split() == ["name", "setting", "baseline", "img/s", "ldtok", "img/s", "ratio", "min-med-max",
+                              "baseline", "img/s/core", "ldtok", "img/s/core", "baseline", "peak", "MiB", "ldtok",
+                              "peak", "MiB", "MiB/img", "mem", "ratio"]
     assert "pnet_rand=True" in printed
 
     report = json.loads(out.read_text())
     assert report["config"]["precision"] == "bf16" and report["config"]["channels_last"]
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"], "the atomic write left a temporary file"
-    rows = {row["name"]: row for row in report["rows"]}
-    assert set(rows) == {"train demo-kl", "encode demo-kl"}
-    for name, row in rows.items():
+    rows = {(row["name"], row["setting"]): row for row in report["rows"]}
+    assert set(rows) == {(task, setting) for task in ("train demo-kl", "encode demo-kl")
+                         for setting in ("equal", "defaults", "custom")}
+    assert rows[("train demo-kl", "equal")]["options"] == {"precision": "fp32", "channels_last": False,
+                                                           "compile": False, "fused_adamw": False}
+    assert rows[("train demo-kl", "custom")]["options"]["precision"] == "bf16"
+    assert rows[("train demo-kl", "defaults")]["options"]["channels_last"]  # the trainer's default
+    for (name, _), row in rows.items():
         assert name in printed
         for side in ("baseline", "ldtok"):
             result = row[side]
             assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["cpu_seconds"] > 0, result
             assert result["peak_scope"] == "steps"  # Linux: the high-water mark was reset after building
+            assert result["flops_per_step"] > 0 and result["threads"] >= 1
         assert row["speedup"] == pytest.approx(row["ldtok"]["images_per_s"] / row["baseline"]["images_per_s"])
+        low, median, high = row["speedup_min_median_max"]
+        assert low <= median <= high
         assert row["memory_ratio"] > 0
+    # one set of baseline runs serves every setting of a task
+    assert rows[("train demo-kl", "equal")]["baseline"] == rows[("train demo-kl", "defaults")]["baseline"]
+    # a training step costs more FLOPs than encoding the same batch
+    assert rows[("train demo-kl", "equal")]["ldtok"]["flops_per_step"] > rows[("encode demo-kl", "equal")][
+        "ldtok"]["flops_per_step"]
     for side in ("baseline", "ldtok"):
-        assert math.isfinite(rows["train demo-kl"][side]["loss"]) and rows["train demo-kl"][side]["loss"] > 0
-        assert rows["encode demo-kl"][side]["loss"] is None
+        assert math.isfinite(rows[("train demo-kl", "equal")][side]["loss"])
+        assert rows[("encode demo-kl", "equal")][side]["loss"] is None
 
 
 @pytest.mark.parametrize("preset", ["demo-kl", "demo-vq"])

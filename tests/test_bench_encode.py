@@ -1,9 +1,10 @@
-"""The encoding benchmark (`eval/bench_encode.py`, `ldtok.benchmark_encode`): a CPU smoke run of both sides on a tiny
+"""The encoding benchmark (`eval/bench_encode.py`, `eval/_bench_encode.py`): a CPU smoke run of both sides on a tiny
 exported KL model, and the Kx image folder."""
 
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldtok.benchmark_encode import EncodeBenchConfig, link_images, source_images
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # the benchmark code lives beside the library
+from _bench_encode import EncodeBenchConfig, link_images, source_images  # noqa: E402
+
 from ldtok.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,10 @@ then only holds the LeCAM statistics). The discriminator is a separate model wit
 `build_discriminator(config)`); both loss methods receive it. The generator loss evaluates it with detached parameters
 through `torch.func.functional_call` on the unwrapped module, so it never writes discriminator gradients and never
 runs the DDP wrapper's forward; the discriminator loss calls the (possibly wrapped) discriminator exactly once.
+
+The adaptive GAN weight costs one backward through the perceptual net and the discriminator, not two as in taming /
+LDM: `ldtok.adaptive_weight` takes both losses' gradients at the reconstruction once and returns a loss with the same
+value and parameter gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldtok.adaptive_weight import adaptive_gan_loss
 from ldtok.discriminator import PatchDiscriminator
 from ldtok.outputs import QuantizerOutput
 from ldtok.perceptual import PERCEPTUAL_NETS, build_perceptual
@@ -216,19 +221,20 @@ class AutoencoderLoss(nn.Module):
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
         terms["nll"] = nll
-        loss = nll
+        rest = torch.zeros((), device=x.device)  # the terms that do not pass through x_rec
 
         if posterior is not None:
             kl, kl_nats = self._kl(posterior, num_values=C * H * W)
             terms["kl"], terms["kl_nats"] = kl, kl_nats
-            loss = loss + self.kl_weight_at(step) * kl
+            rest = rest + self.kl_weight_at(step) * kl
 
         if quant is not None:
             quants = quant if isinstance(quant, (list, tuple)) else [quant]
             quant_loss = torch.stack([q.loss.float() for q in quants]).sum()
             terms["quant"] = quant_loss
-            loss = loss + cfg.quant_weight * quant_loss
+            rest = rest + cfg.quant_weight * quant_loss
 
+        loss = nll + rest
         if self.disc_active(step):
             if discriminator is None:
                 raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
@@ -237,9 +243,15 @@ class AutoencoderLoss(nn.Module):
                 gan = -logits_fake.mean()
             else:
                 gan = F.softplus(-logits_fake).mean()
-            weight = self._gan_weight(nll, gan, last_layer)
-            terms["gan"], terms["adaptive_weight"] = gan, weight
-            loss = loss + weight * gan
+            terms["gan"] = gan
+            if self._can_adapt(nll, gan, last_layer):
+                loss, terms["adaptive_weight"] = adaptive_gan_loss(
+                    x_rec, nll=nll, gan=gan, rest=rest, last_layer=last_layer, disc_weight=cfg.disc_weight,
+                    max_ratio=cfg.adaptive_weight_max,
+                )
+            else:
+                terms["adaptive_weight"] = torch.tensor(cfg.disc_weight, device=x.device)
+                loss = loss + terms["adaptive_weight"] * gan
 
         terms["loss"] = loss
         return loss, {k: v.detach() for k, v in terms.items()}
@@ -255,22 +267,16 @@ class AutoencoderLoss(nn.Module):
             kl_channels = kl_channels.clamp(min=self.config.free_bits)
         return kl_channels.sum() / num_values, kl_nats
 
-    def _gan_weight(self, nll: Tensor, gan: Tensor, last_layer: Tensor | None) -> Tensor:
-        cfg = self.config
-        can_differentiate = (
-            cfg.adaptive_weight
+    def _can_adapt(self, nll: Tensor, gan: Tensor, last_layer: Tensor | None) -> bool:
+        """Whether the adaptive GAN weight can be formed: it is on, and autograd reaches the decoder's last layer."""
+        return bool(
+            self.config.adaptive_weight
             and last_layer is not None
             and torch.is_grad_enabled()
             and last_layer.requires_grad
             and nll.requires_grad
             and gan.requires_grad
         )
-        if not can_differentiate:
-            return torch.tensor(cfg.disc_weight, device=nll.device)
-        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        gan_grad = torch.autograd.grad(gan, last_layer, retain_graph=True)[0]
-        ratio = nll_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
-        return ratio.clamp(0.0, cfg.adaptive_weight_max).detach() * cfg.disc_weight
 
     # ------------------------------------------------------------------------------------------ discriminator
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
@@ -33,6 +33,7 @@ from .images import make_grid, save_image_atomic
 from .losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from .meters import ThroughputMeter, peak_memory_mib
 from .models import ModelConfig, build_model
+from .performance import adamw, enable_tf32, memory_format, resolve_mixed_precision
 from .validation import calibrate_latent_scale, validate
 
 logger = logging.getLogger("ldtok.training")
@@ -53,7 +54,14 @@ class TrainConfig:
         warmup_steps (`int`): linear learning-rate warm-up from 0.
         lr_schedule (`"constant"` or `"cosine"`): after warm-up (cosine decays to 10% of `lr` at `max_steps`).
         max_grad_norm (`float`, *optional*): gradient clipping of each model; `None` disables it.
-        mixed_precision (`"no"`, `"fp16"` or `"bf16"`): Accelerate's autocast; quantizer distances stay fp32.
+        mixed_precision (`"auto"`, `"no"`, `"fp16"` or `"bf16"`): Accelerate's autocast (quantizer, KL and loss
+            reductions stay fp32). `auto`: what `accelerate launch --mixed_precision` / `accelerate config` say, and
+            without either bf16 where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else
+            fp32 (`ldtok.performance.resolve_mixed_precision`). An explicit value overrides Accelerate's.
+        channels_last (`bool`): models and inputs in channels-last memory format (faster convolutions with cuDNN and
+            oneDNN; the same results up to float rounding).
+        compile (`bool`): `torch.compile` the autoencoder, the discriminator and the perceptual network (one-time
+            compilation cost; pays off on long GPU runs).
         ema_decay (`float`, *optional*): keep an EMA of the model weights (e.g. 0.999); the final export uses it.
         input_noise_std (`float`): denoising mode: add Gaussian noise of this std (in [-1, 1] units) to the input and
             reconstruct the clean image. 0 disables it.
@@ -79,7 +87,9 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
     ema_decay: float | None = None
     input_noise_std: float = 0.0
     seed: int = 0
@@ -153,7 +163,7 @@ def autoencoder_step(
         x (`Tensor` of shape `(B, 3, H, W)`): the clean images (the target); `x_in` what the model sees (noisy in
             denoising mode, else `x`).
         update: `update(loss, optimizer, module)` backpropagates, clips, steps and zeroes, returning the gradient
-            norm or `None` (Accelerate's in training; a plain or GradScaler one in `ldtok.benchmark`).
+            norm or `None` (Accelerate's in training; a plain or GradScaler one in `eval/_bench.py`).
 
     Returns:
         The detached loss terms (`loss`, `rec`, `perceptual`, `kl`/`quant`, `gan`, `disc_loss`, ...).
@@ -219,9 +229,11 @@ def train(config: RunConfig) -> dict:
             report_to = "tensorboard"
         except ImportError:
             report_to = "none"
+    device = PartialState().device  # Accelerate's device, before the Accelerator (which takes the precision)
+    enable_tf32(device)
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        mixed_precision=tc.mixed_precision,
+        mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -237,30 +249,36 @@ def train(config: RunConfig) -> dict:
         accelerator.init_trackers("ldtok", config={"output_dir": str(out)})
 
     # Build: models, loss, optimizers, data.
-    model = build_model(config.model)
-    disc = build_discriminator(config.loss)
-    loss_fn = build_loss(config.loss).to(accelerator.device)
+    fmt = memory_format(tc.channels_last)
+    model = build_model(config.model).to(memory_format=fmt)
+    disc = build_discriminator(config.loss).to(memory_format=fmt)
+    loss_fn = build_loss(config.loss).to(accelerator.device, memory_format=fmt)
     betas = tuple(tc.adam_betas)
-    opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    opt_g = adamw(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)
+    opt_d = adamw(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)
     with accelerator.main_process_first():  # the embedded dataset is built once, by the main process
         dataset = build_dataset(config.data, train=True, seed=tc.seed)
     iterable = isinstance(dataset, IterableDataset)
     loader = DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=not iterable, drop_last=not iterable, collate_fn=collate,
-        num_workers=config.data.num_workers,
+        num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=config.data.num_workers > 0, prefetch_factor=4 if config.data.num_workers > 0 else None,
         # its own generator: creating a loader iterator (as a resumed run does) then draws nothing from the global
         # RNG, which the posterior sampling uses
         generator=torch.Generator().manual_seed(tc.seed),
     )
     val_images = _load_images(_validation_config(config), max(tc.val_images, tc.grid_images))
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema_decay else None
+    if tc.compile:
+        model, disc = torch.compile(model), torch.compile(disc)
+        if loss_fn.perceptual is not None:
+            loss_fn.perceptual = torch.compile(loss_fn.perceptual)
 
     model, disc, opt_g, opt_d, loader = accelerator.prepare(model, disc, opt_g, opt_d, loader)
     if ema is not None:
         ema.to(accelerator.device)
-    raw_model = accelerator.unwrap_model(model)
-    raw_disc = accelerator.unwrap_model(disc)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    raw_disc = accelerator.unwrap_model(disc, keep_torch_compile=False)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "skipped_files": 0}
     resume_from = resolve_resume(config.resume, out)
@@ -336,7 +354,7 @@ def train(config: RunConfig) -> dict:
             state["skipped_files"] += len(batch["skipped"])
             for name in batch["skipped"]:
                 logger.warning("skipped an undecodable image: %s", name)
-            x = batch["pixel_values"]
+            x = batch["pixel_values"].to(memory_format=fmt)
             if accelerator.num_processes > 1:
                 # Every rank must take part in every step (DDP all-reduces): skip a batch only if some rank has none.
                 smallest = accelerator.reduce(torch.tensor([x.shape[0]], device=accelerator.device), "min")
@@ -400,6 +418,7 @@ def train(config: RunConfig) -> dict:
         "images_per_s": meter.rate(),
         "peak_memory_mib": peak_memory_mib(accelerator.device),
         "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
         "rank_checksums": checksums,
         "validation": last_val,
     }

@@ -1,5 +1,5 @@
 """`ldtok encode` against the per-image loop users write without it: images/s, and peak memory at 1x and Kx the data
-(`eval/bench_encode.py`).
+(`eval/bench_encode.py`; benchmark code and its naive baseline live beside the library, not in it).
 
 Two *sides*, each run in a fresh Python process per (model, side, dataset size), on the same image folder:
 
@@ -53,8 +53,7 @@ from pathlib import Path
 from typing import Literal
 
 import ldtok
-
-from .atomic import write_text_atomic
+from ldtok.atomic import write_text_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAIVE_CLASSES = ("AutoencoderKL", "VQModel")
@@ -248,7 +247,7 @@ def ldtok_case(config: EncodeBenchConfig, *, model: str, images: Path, count: in
 def naive_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path) -> CaseResult:
     """The naive loop (`naive_encode`) on the folder `images` in a fresh process; its output deleted afterwards."""
     out, result_path = work / "naive-latents.pt", work / "naive-result.json"
-    command = [sys.executable, "-m", "ldtok.benchmark_encode", "--model", model, "--images", str(images),
+    command = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--images", str(images),
                "--resolution", str(config.resolution), "--out", str(out), "--result", str(result_path)]
     run = run_process(command, env=child_env(config, work), log_path=work / "naive.log")
     measured = json.loads(result_path.read_text())
@@ -307,7 +306,7 @@ def naive_encode(*, model: str, images: str, resolution: int, out: str) -> dict:
 def _naive_main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="the naive encoding loop of ldtok.benchmark_encode (one case)")
+    parser = argparse.ArgumentParser(description="the naive encoding loop of eval/_bench_encode.py (one case)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", required=True, help="image folder")
     parser.add_argument("--resolution", type=int, required=True)
