@@ -74,7 +74,7 @@ def kl_model(tmp_path_factory) -> Path:
 def encode_args(model: Path, out: Path, data: Path, *extra: str) -> list[str]:
     return ["encode", "--model", str(model), "--out", str(out), "--data-source", "folder", "--data-path", str(data),
             "--label-column", "label", "--caption-column", "text", "--resolution", "32", "--batch-size", "2",
-            "--samples-per-shard", "4", "--num-workers", "0", "--no-progress", *extra]
+            "--samples-per-shard", "4", "--num-workers", "0", "--no-progress", "--autocast", "no", "--no-channels-last", *extra]  # the reference computation
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +362,46 @@ def test_image_file_names_are_safe_and_distinct():
     names = [image_file_name(i) for i in ids]
     assert len(set(names)) == len(ids)
     assert all("/" not in n and not n.startswith(".") and n.endswith(".png") and len(n) < 160 for n in names)
+
+
+# ------------------------------------------------------------------------------------------- fast defaults
+
+
+def test_default_pipeline_matches_the_fp32_reference(kl_shards, kl_model, data_dir, tmp_path):
+    """The defaults (autocast auto = bf16 where native, channels-last, the writer on a background thread, 2 workers)
+    store the same samples as the fp32 reference, and latents equal to it up to the autocast dtype's rounding."""
+    out = tmp_path / "fast"
+    args = encode_args(kl_model, out, data_dir, "--flip")
+    args = [a for a in args if a not in ("--autocast", "--no-channels-last")]
+    args.remove("no")  # the --autocast value
+    args[args.index("--num-workers") + 1] = "2"
+    assert ldtok(args) == 0
+    _, reference, _ = read_shards(kl_shards)
+    _, fast, _ = read_shards(out)
+    assert set(fast) == set(reference)
+    tolerance = 0.05 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 1e-5  # bf16 keeps 8 bits of mantissa
+    for sample_id, row in reference.items():
+        for name in ("mean", "logvar", "mean_flip"):
+            torch.testing.assert_close(fast[sample_id][name], row[name], rtol=tolerance, atol=tolerance)
+    assert ldtok(["verify", str(out)]) == 0
+
+
+def test_a_failing_background_write_is_raised_in_the_caller(tmp_path):
+    from ldtok.shards import ShardWriter
+    from ldtok.shards.background import BackgroundWriter
+
+    writer = ShardWriter(tmp_path / "s", kind="kl", samples_per_shard=2, metadata={}, rank=0, world_size=1)
+    calls = []
+
+    def failing_add(*args, **kwargs):
+        calls.append(args)
+        raise OSError(28, "No space left on device")
+
+    writer.add = failing_add
+    batch = {"mean": torch.zeros(2, 4, 2, 2), "logvar": torch.zeros(2, 4, 2, 2)}
+    with pytest.raises(OSError, match="No space"):
+        with BackgroundWriter(writer) as sink:
+            for i in range(5):
+                sink.add(batch, [f"a{i}", f"b{i}"])
+    assert len(calls) == 1  # nothing after the failure was attempted
+    assert not list((tmp_path / "s").glob("shard-*"))
