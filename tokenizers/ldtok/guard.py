@@ -65,8 +65,9 @@ class NonFiniteGuard:
         self.total = 0
         self._skipped = False
 
-    def _any_rank(self, bad: bool) -> bool:
-        flag = torch.tensor([float(bad)], device=self.accelerator.device)
+    def _any_rank(self, bad: bool | torch.Tensor) -> bool:
+        """`bad` on any rank; one host sync (a GPU run pays one per optimizer step, not one per tensor)."""
+        flag = torch.as_tensor(bad, device=self.accelerator.device).float().reshape(1)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, "max")
         return bool(flag.item() > 0)
@@ -84,14 +85,14 @@ class NonFiniteGuard:
         grad_norm = None
         if accelerator.sync_gradients:  # the accumulated gradients are complete (and all-reduced) only now
             parameters = [p for p in parameters if p.grad is not None]
-            bad_grad = False
+            bad = ~torch.isfinite(loss.detach().float()).all()
             if max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-                bad_grad = not _finite(grad_norm)
-            elif not self.fp16:
-                bad_grad = not all(bool(torch.isfinite(p.grad).all()) for p in parameters)
-            bad_loss = not _finite(loss.detach())
-            if self._any_rank(bad_loss or (bad_grad and not self.fp16)):
+                if not self.fp16:
+                    bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).all()
+            elif not self.fp16 and parameters:
+                bad = bad | ~torch.stack([torch.isfinite(p.grad).all() for p in parameters]).all()
+            if self._any_rank(bad):
                 self._skipped = True
                 if not self.fp16:  # fp16: the scaler sees the non-finite gradients and skips the step itself
                     optimizer.zero_grad(set_to_none=True)
