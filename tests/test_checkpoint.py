@@ -24,7 +24,13 @@ from ldtok.checkpoint import (
 from ldtok.config import ConfigError
 from ldtok.errors import DiskFullError
 from ldtok.guard import NonFiniteGuard, TrainingDivergedError
-from ldtok.run_checks import EpochProgress, NoProgressError, check_batch_fills, check_resolution
+from ldtok.run_checks import (
+    EpochProgress,
+    NoProgressError,
+    check_batch_fills,
+    check_resolution,
+    downsample_factor,
+)
 
 
 @pytest.fixture
@@ -223,7 +229,10 @@ def test_data_that_cannot_form_a_batch_is_an_error_with_the_counts():
     EpochProgress(fresh=False).check(epoch=1, batch_size=4, num_processes=1)  # a resumed epoch may have nothing left
 
 
-def test_a_resolution_the_model_cannot_reproduce_is_a_config_error_naming_both_numbers():
+def test_a_resolution_the_model_cannot_reproduce_is_a_config_error_naming_both_numbers(tmp_path):
+    assert downsample_factor([32, 64, 64], None) == 4
+    (tmp_path / "config.json").write_text(json.dumps({"block_out_channels": [32, 64, 64, 64]}))
+    assert downsample_factor([32, 64], str(tmp_path)) == 8  # model.init_from's own architecture
     check_resolution(model_type="kl", downsample_factor=8, resolutions={"data.resolution": 256})
     with pytest.raises(ConfigError, match="data.resolution=66 is not divisible by the model's downsampling factor 4"):
         check_resolution(model_type="kl", downsample_factor=4, resolutions={"data.resolution": 66})

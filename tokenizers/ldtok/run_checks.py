@@ -7,7 +7,9 @@ numbers involved.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import ConfigError
 from .errors import LdtokError
@@ -20,6 +22,14 @@ class NoProgressError(LdtokError):
 def resolution_multiple(model_type: str, downsample_factor: int) -> int:
     """The side every training image must be a multiple of: the downsampling factor (VQ-VAE-2: its top code's, 2f)."""
     return 2 * downsample_factor if model_type == "vqvae2" else downsample_factor
+
+
+def downsample_factor(block_out_channels: list[int], init_from: str | None) -> int:
+    """`2 ** (levels - 1)` of the model being trained; with `model.init_from` its own config defines the levels."""
+    config_file = Path(init_from) / "config.json" if init_from else None
+    if config_file is not None and config_file.is_file():
+        block_out_channels = json.loads(config_file.read_text()).get("block_out_channels", block_out_channels)
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def check_resolution(*, model_type: str, downsample_factor: int, resolutions: dict[str, int]) -> None:

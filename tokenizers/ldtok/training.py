@@ -45,7 +45,7 @@ from .images import make_grid, save_image_atomic
 from .losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from .meters import ThroughputMeter, peak_memory_mib
 from .models import ModelConfig, build_model
-from .run_checks import EpochProgress, check_batch_fills, check_resolution
+from .run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
 from .validation import calibrate_latent_scale, validate
 
 logger = logging.getLogger("ldtok.training")
@@ -227,7 +227,8 @@ def train(config: RunConfig) -> dict:
     """Train the autoencoder described by `config`; returns the run summary (also written to `summary.json`)."""
     tc = config.train
     out = Path(config.output_dir)
-    check_resolution(model_type=config.model.type, downsample_factor=config.model.downsample_factor,
+    factor = downsample_factor(config.model.block_out_channels, config.model.init_from)
+    check_resolution(model_type=config.model.type, downsample_factor=factor,
                      resolutions={"data.resolution": config.data.resolution,
                                   "val_data.resolution": _validation_config(config).resolution})
     if config.resume is None and step_dirs(out):
