@@ -323,3 +323,38 @@ def test_scripts_reject_wrong_shards_labels_and_decoders_before_building_anythin
         with pytest.raises(SystemExit, match=message):
             load_script(script).main()
     assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["prior_diffusion", "prior_transformer"])
+def test_a_diverging_prior_stops_naming_the_step_and_writes_no_non_finite_weights(shards, tmp_path, script):
+    out = tmp_path / script
+    if script == "prior_diffusion":
+        args = ["prior_diffusion.py", "prior-diffusion-demo.yaml", f"shards={shards['kl']}", *TINY_UNET]
+    else:
+        args = ["prior_transformer.py", "prior-transformer-demo.yaml", f"shards={shards['vq']}", *TINY_GPT]
+    result = launch(*args, f"output_dir={out}", "train.lr=1e9", "train.max_steps=30", "train.checkpoint_every=1",
+                    "train.max_nonfinite_steps=2", check=False)
+    assert result.returncode != 0
+    assert "error: training diverged: 2 optimizer steps in a row had non-finite values" in result.stderr, (
+        result.stderr[-3000:])
+    assert "last good checkpoint: " + str(out / "checkpoints") in result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith('File "') and str(ROOT) in line]
+    for checkpoint in (out / "checkpoints").iterdir():
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+    assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_prior_transformer_resumes_a_two_process_run_with_ema(shards, tmp_path):
+    from launch import launch as launch_processes
+
+    out = tmp_path / "ddp"
+    common = [f"shards={shards['vq']}", f"output_dir={out}", *TINY_GPT, "train.batch_size=4", "train.ema_decay=0.9",
+              "train.checkpoint_every=2", "train.log_every=1", "decode=false"]
+    kwargs = {"script": "train/prior_transformer.py", "config": "configs/prior-transformer-demo.yaml", "tiny": False,
+              "processes": 2}
+    launch_processes(*common, "train.max_steps=2", **kwargs)
+    result = launch_processes(*common, "train.max_steps=3", "resume=latest", **kwargs)
+    assert "resumed from" in result.stderr and "step 2" in result.stderr  # ema.safetensors loaded under `cpu:0`
+    assert [e["step"] for e in logged(out)] == [1, 2, 3]

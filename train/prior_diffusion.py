@@ -20,16 +20,27 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ldtok.checkpoint import read_trainer_state, resolve_resume, save_checkpoint
+from ldtok.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    load_tensors,
+    read_trainer_state,
+    remove_leftovers,
+    resolve_resume,
+    save_checkpoint,
+)
 from ldtok.config import ConfigError, parse_args, save_config, write_text_atomic
 from ldtok.ema import ModelEMA
+from ldtok.errors import run_cli
+from ldtok.guard import NonFiniteGuard
 from ldtok.images import make_grid, save_image_atomic
 from ldtok.models import save_pretrained_atomic
 from ldtok.priors import PriorDiffusionConfig
+from ldtok.run_checks import check_batch_fills
 from ldtok.shards import LatentShardDataset, load_manifest
 from ldtok.training import learning_rate
 
@@ -73,9 +84,8 @@ def main() -> None:
     C, h, w = manifest["fields"]["mean"]["shape"]
     f = 2 ** (len(config.unet.block_out_channels) - 1)
     assert h % f == 0 and w % f == 0, f"latent size {h}x{w} not divisible by the UNet's downsampling factor {f}"
-    assert len(dataset) >= tc.batch_size * accelerator.num_processes, (
-        f"{len(dataset)} samples cannot fill one batch of {tc.batch_size} per process on {accelerator.num_processes}"
-    )
+    check_batch_fills(num_images=len(dataset), batch_size=tc.batch_size, num_processes=accelerator.num_processes,
+                      what="samples")
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers)
 
     # Model: a UNet2DModel on (C, h, w) latents, the DDPM forward process, AdamW.
@@ -101,16 +111,24 @@ def main() -> None:
         ema.to(accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)  # of an interrupted checkpoint write, rotation or final export
         save_config(config, out / "config.yaml")
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    resume_from = resolve_resume(config.resume, out)
+    accelerator.wait_for_everyone()
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_steps": 0}
+    resume_from = resolve_resume(config.resume, out)  # checksums verified
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state.update(read_trainer_state(resume_from))
-        if ema is not None:
-            ema.load_state_dict(load_file(resume_from / "ema.safetensors", device=str(accelerator.device)))
+        if ema is not None:  # loaded on the CPU, copied to the device by load_state_dict (`cpu:0` is no device for it)
+            ema.load_state_dict(load_tensors(resume_from / "ema.safetensors"))
         logger.info("resumed from %s at step %d", resume_from, state["step"])
+    guard = NonFiniteGuard(accelerator=accelerator, max_consecutive=tc.max_nonfinite_steps,
+                           last_good=lambda: (list_checkpoints(out) or [None])[-1])
+    guard.total = state["nonfinite_steps"]
+
+    def weights() -> dict[str, torch.nn.Module]:
+        return {"unet": raw_unet, **({"ema": ema.model} if ema is not None else {})}
 
     def write_checkpoint_extra(path: Path) -> None:
         save_pretrained_atomic(ema.model if ema is not None else raw_unet, path / "unet")
@@ -144,13 +162,13 @@ def main() -> None:
                     target = noise_scheduler.get_velocity(z0, noise, t)
                 pred = unet(z_t, t, class_labels=batch["label"] if conditional else None).sample  # through the wrapper
                 loss = F.mse_loss(pred.float(), target.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # skips the step (on every rank) when the loss or gradient norm is non-finite
+                guard.step(loss, optimizer, unet.parameters(), max_grad_norm=tc.max_grad_norm)
             window.append(loss.detach())
             if not accelerator.sync_gradients:
+                continue
+            if guard.end_step(step=state["step"] + 1, terms={"loss": loss.detach()}):
+                state["nonfinite_steps"] = guard.total
                 continue
             state["step"] += 1
             if ema is not None:
@@ -158,7 +176,8 @@ def main() -> None:
             progress.update(1)
             done = state["step"] >= tc.max_steps
             if state["step"] % tc.log_every == 0 or done:
-                mean_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+                finite = [w for w in window if torch.isfinite(w)] or window  # a skipped step's loss is not news
+                mean_loss = accelerator.reduce(torch.stack(finite).mean(), "mean").item()
                 it_per_s = len(window) / tc.gradient_accumulation_steps / (time.perf_counter() - window_start)
                 window.clear()
                 window_start = time.perf_counter()
@@ -168,6 +187,7 @@ def main() -> None:
                         fh.write(json.dumps({"step": state["step"], "loss": mean_loss, "it_per_s": it_per_s,
                                              "lr": optimizer.param_groups[0]["lr"]}) + "\n")
             if tc.checkpoint_every and (state["step"] % tc.checkpoint_every == 0 or done):
+                guard.check_weights(weights(), writing=checkpoint_dir(out) / f"step_{state['step']:08d}")
                 save_checkpoint(accelerator, out, step=state["step"], trainer_state=state,
                                 write_extra=write_checkpoint_extra, keep=tc.keep_checkpoints)
             if done:
@@ -177,6 +197,7 @@ def main() -> None:
             state["batch_in_epoch"] = 0
     progress.close()
     accelerator.wait_for_everyone()
+    guard.check_weights(weights(), writing=out / "final")
 
     # Export, sample N latents, unnormalize, decode, grid.
     if accelerator.is_main_process:
@@ -215,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,16 +20,27 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ldtok.checkpoint import read_trainer_state, resolve_resume, save_checkpoint
+from ldtok.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    load_tensors,
+    read_trainer_state,
+    remove_leftovers,
+    resolve_resume,
+    save_checkpoint,
+)
 from ldtok.config import ConfigError, parse_args, save_config, write_text_atomic
 from ldtok.ema import ModelEMA
+from ldtok.errors import run_cli
+from ldtok.guard import NonFiniteGuard
 from ldtok.images import make_grid, save_image_atomic
 from ldtok.models import load_tokenizer, save_pretrained_atomic
 from ldtok.priors import GPT, CodeLayout, PriorTransformerConfig
+from ldtok.run_checks import check_batch_fills
 from ldtok.shards import LatentShardDataset, load_manifest
 from ldtok.shards.manifest import atomic_write_bytes
 from ldtok.training import learning_rate
@@ -85,9 +96,8 @@ def main() -> None:
                      f"{manifest['codebook_size']}: not the model that encoded them")
     layout = CodeLayout.from_manifest(manifest, codebook_sizes=codebook_sizes)
     dataset = LatentShardDataset(config.shards, use_flip=config.use_flip)
-    assert len(dataset) >= tc.batch_size * accelerator.num_processes, (
-        f"{len(dataset)} samples cannot fill one batch of {tc.batch_size} per process on {accelerator.num_processes}"
-    )
+    check_batch_fills(num_images=len(dataset), batch_size=tc.batch_size, num_processes=accelerator.num_processes,
+                      what="samples")
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=tc.num_workers)
 
     model = GPT(vocab_size=layout.vocab_size, block_size=layout.length, num_layers=config.model.num_layers,
@@ -102,18 +112,26 @@ def main() -> None:
         ema.to(accelerator.device)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)  # of an interrupted checkpoint write, rotation or final export
         save_config(config, out / "config.yaml")
         logger.info("%d sequences of %d tokens, vocabulary %d, GPT with %.2fM parameters", len(dataset),
                     layout.length, layout.vocab_size, sum(p.numel() for p in raw_model.parameters()) / 1e6)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    resume_from = resolve_resume(config.resume, out)
+    accelerator.wait_for_everyone()
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_steps": 0}
+    resume_from = resolve_resume(config.resume, out)  # checksums verified
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state.update(read_trainer_state(resume_from))
-        if ema is not None:
-            ema.load_state_dict(load_file(resume_from / "ema.safetensors", device=str(accelerator.device)))
+        if ema is not None:  # loaded on the CPU, copied to the device by load_state_dict (`cpu:0` is no device for it)
+            ema.load_state_dict(load_tensors(resume_from / "ema.safetensors"))
         logger.info("resumed from %s at step %d", resume_from, state["step"])
+    guard = NonFiniteGuard(accelerator=accelerator, max_consecutive=tc.max_nonfinite_steps,
+                           last_good=lambda: (list_checkpoints(out) or [None])[-1])
+    guard.total = state["nonfinite_steps"]
+
+    def weights() -> dict[str, torch.nn.Module]:
+        return {"transformer": raw_model, **({"ema": ema.model} if ema is not None else {})}
 
     def write_checkpoint_extra(path: Path) -> None:
         save_pretrained_atomic(ema.model if ema is not None else raw_model, path / "transformer")
@@ -138,13 +156,13 @@ def main() -> None:
             with accelerator.accumulate(model):
                 logits = model(tokens[:, :-1], class_labels=batch["label"] if conditional else None).logits  # (B, L, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # skips the step (on every rank) when the loss or gradient norm is non-finite
+                guard.step(loss, optimizer, model.parameters(), max_grad_norm=tc.max_grad_norm)
             window.append(loss.detach())
             if not accelerator.sync_gradients:
+                continue
+            if guard.end_step(step=state["step"] + 1, terms={"loss": loss.detach()}):
+                state["nonfinite_steps"] = guard.total
                 continue
             state["step"] += 1
             if ema is not None:
@@ -152,7 +170,8 @@ def main() -> None:
             progress.update(1)
             done = state["step"] >= tc.max_steps
             if state["step"] % tc.log_every == 0 or done:
-                mean_loss = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+                finite = [w for w in window if torch.isfinite(w)] or window  # a skipped step's loss is not news
+                mean_loss = accelerator.reduce(torch.stack(finite).mean(), "mean").item()
                 it_per_s = len(window) / tc.gradient_accumulation_steps / (time.perf_counter() - window_start)
                 window.clear()
                 window_start = time.perf_counter()
@@ -162,6 +181,7 @@ def main() -> None:
                         fh.write(json.dumps({"step": state["step"], "loss": mean_loss, "it_per_s": it_per_s,
                                              "lr": optimizer.param_groups[0]["lr"]}) + "\n")
             if tc.checkpoint_every and (state["step"] % tc.checkpoint_every == 0 or done):
+                guard.check_weights(weights(), writing=checkpoint_dir(out) / f"step_{state['step']:08d}")
                 save_checkpoint(accelerator, out, step=state["step"], trainer_state=state,
                                 write_extra=write_checkpoint_extra, keep=tc.keep_checkpoints)
             if done:
@@ -171,6 +191,7 @@ def main() -> None:
             state["batch_in_epoch"] = 0
     progress.close()
     accelerator.wait_for_everyone()
+    guard.check_weights(weights(), writing=out / "final")
 
     # Export, sample N sequences, decode, grid.
     if accelerator.is_main_process:
@@ -210,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

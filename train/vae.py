@@ -5,30 +5,31 @@
 Keys and defaults: `python train/vae.py --help`. Writes `output_dir/final/`, a diffusers `AutoencoderKL` directory.
 """
 
-import sys
-
 from ldtok.config import ConfigError, parse_args
+from ldtok.errors import run_cli
 from ldtok.training import RunConfig, train
 
 
 def main() -> None:
     try:
         config = parse_args(RunConfig)
-    except (ConfigError, AssertionError) as e:
-        sys.exit(f"config error: {e}")
+    except AssertionError as e:  # a section's own value checks
+        raise ConfigError(str(e)) from None
     if config.model.type != "kl":
-        sys.exit(f"config error: model.type: train/vae.py trains KL models, got {config.model.type!r} "
-                 "(use train/vq.py)")
-    try:
-        summary = train(config)
-    except FileExistsError as e:
-        sys.exit(f"error: {e}")
-    if "final" in summary:  # the main process
-        val = summary["validation"]
-        print(f"final model: {summary['final']}  (diffusers AutoencoderKL)")
-        print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}; reconstructions: {val.get('grid')}")
-        print(f"training: {summary['images_per_s']:.1f} img/s, peak memory {summary['peak_memory_mib']:.0f} MiB")
+        raise ConfigError(f"model.type: train/vae.py trains KL models, got {config.model.type!r} (use train/vq.py)")
+    summary = train(config)
+    if "final" not in summary:  # not the main process
+        return
+    if summary.get("already_finished"):
+        action = "exported its final model" if summary.get("exported") else "nothing to do"
+        print(f"{config.output_dir}: the run already finished at step {summary['steps']} (train.max_steps="
+              f"{config.train.max_steps}); {action}; final model: {summary['final']}")
+        return
+    val = summary["validation"]
+    print(f"final model: {summary['final']}  (diffusers AutoencoderKL)")
+    print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}; reconstructions: {val.get('grid')}")
+    print(f"training: {summary['images_per_s']:.1f} img/s, peak memory {summary['peak_memory_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,10 +28,16 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .errors import LdtokError
+
 logger = logging.getLogger("ldtok.data")
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
+
+
+class DataError(LdtokError, ValueError):
+    """The configured data cannot be read: a missing path, an empty folder, an unknown column (one-line message)."""
 
 
 @dataclass
@@ -253,14 +259,14 @@ class SampleProcessor:
             where = cell.get("path") if isinstance(cell, dict) and cell.get("path") else sample_id
             message = f"cannot decode image {sample_id!r} ({where}): {type(err).__name__}: {err}"
             if self.on_bad_image == "error":
-                raise ValueError(message) from err
+                raise DataError(message) from err
             logger.warning("skipping %s", message)
             return {"skipped": sample_id, "error": message}
         item = {"pixel_values": self.transform(image, generator=generator), "id": sample_id}
         if self.label_column is not None:
             label = row[self.label_column]
             if label is None:
-                raise ValueError(f"sample {sample_id!r} has no value in label column {self.label_column!r}")
+                raise DataError(f"sample {sample_id!r} has no value in label column {self.label_column!r}")
             item["label"] = int(label)
         if self.caption_column is not None:
             item["caption"] = str(row[self.caption_column])
@@ -347,7 +353,7 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
         from ldtok.default_dataset import default_dataset_dir
 
         if config.split not in ("train", "validation"):
-            raise ValueError(f"the default dataset has splits 'train' and 'validation', not {config.split!r}")
+            raise DataError(f"the default dataset has splits 'train' and 'validation', not {config.split!r}")
         root = str(default_dataset_dir())
         data_dir = os.path.join(root, config.split)
         common["split"] = "train"  # one folder, which HF calls "train"
@@ -355,20 +361,24 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
         id_from = "path"
     elif config.source == "folder":
         if not config.path or not os.path.isdir(os.path.expanduser(config.path)):
-            raise ValueError(f"data.path must be an existing folder for source 'folder', got {config.path!r}")
+            raise DataError(f"data.path must be an existing folder for source 'folder', got {config.path!r}")
         root = os.path.abspath(os.path.expanduser(config.path))
-        ds = datasets.load_dataset("imagefolder", data_dir=root, **common)
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=root, **common)
+        except datasets.data_files.EmptyDatasetError as e:
+            raise DataError(f"data.path={config.path!r} holds no image files (imagefolder found none: {e}); "
+                            "point data.path at a folder of images") from e
         id_from = "path"
     elif config.source == "hf":
         if not config.name:
-            raise ValueError("data.name (HF dataset name or local dataset directory) is required for source 'hf'")
+            raise DataError("data.name (HF dataset name or local dataset directory) is required for source 'hf'")
         ds = datasets.load_dataset(os.path.expanduser(config.name), config.subset, **common)
         id_from = "index"
     elif config.source == "webdataset":
         ds = datasets.load_dataset("webdataset", data_files={config.split: _shard_list(config.path)}, **common)
         id_from = "key"
     else:
-        raise ValueError(f"unknown data.source {config.source!r}; expected default, folder, hf or webdataset")
+        raise DataError(f"unknown data.source {config.source!r}; expected default, folder, hf or webdataset")
 
     ds = _prepare_columns(ds, config)
     if config.max_samples is not None:
@@ -394,7 +404,7 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
 def _shard_list(path: str | None) -> list[str]:
     """WebDataset shards from a glob or a comma-separated list; local patterns must match something."""
     if not path:
-        raise ValueError("data.path (a glob or comma-separated list of .tar shards) is required for 'webdataset'")
+        raise DataError("data.path (a glob or comma-separated list of .tar shards) is required for 'webdataset'")
     shards = []
     for pattern in (p.strip() for p in path.split(",") if p.strip()):
         if "://" in pattern:
@@ -402,7 +412,7 @@ def _shard_list(path: str | None) -> list[str]:
             continue
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:
-            raise ValueError(f"no WebDataset shard matches {pattern!r}")
+            raise DataError(f"no WebDataset shard matches {pattern!r}")
         shards.extend(os.path.abspath(m) for m in matches)
     return shards
 
@@ -417,7 +427,7 @@ def _prepare_columns(ds, config: DataConfig):
     for field in ("image_column", "label_column", "caption_column"):
         column = getattr(config, field)
         if column is not None and column not in features:
-            raise ValueError(f"data.{field}={column!r} is not a column of the dataset; columns: {sorted(features)}")
+            raise DataError(f"data.{field}={column!r} is not a column of the dataset; columns: {sorted(features)}")
     if isinstance(features[config.image_column], datasets.Image):
         ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
     return ds

@@ -20,20 +20,33 @@ from typing import Literal
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .checkpoint import list_checkpoints, read_trainer_state, resolve_resume, save_checkpoint
-from .config import save_config
-from .data import DataConfig, build_dataset, collate
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    list_checkpoints,
+    load_tensors,
+    read_trainer_state,
+    remove_leftovers,
+    resolve_resume,
+    save_checkpoint,
+    step_dirs,
+)
+from .config import ConfigError, save_config
+from .data import DataConfig, DataError, build_dataset, collate
 from .ema import ModelEMA
+from .errors import LdtokError
+from .guard import NonFiniteGuard
 from .images import make_grid, save_image_atomic
 from .losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from .meters import ThroughputMeter, peak_memory_mib
 from .models import ModelConfig, build_model
 from .performance import adamw, enable_tf32, memory_format, resolve_mixed_precision
+from .run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
 from .validation import calibrate_latent_scale, validate
 
 logger = logging.getLogger("ldtok.training")
@@ -54,6 +67,8 @@ class TrainConfig:
         warmup_steps (`int`): linear learning-rate warm-up from 0.
         lr_schedule (`"constant"` or `"cosine"`): after warm-up (cosine decays to 10% of `lr` at `max_steps`).
         max_grad_norm (`float`, *optional*): gradient clipping of each model; `None` disables it.
+        max_nonfinite_steps (`int`): a non-finite loss or gradient norm skips the optimizer step (counted, logged);
+            this many skipped steps in a row stop the run with an error naming the last good checkpoint.
         mixed_precision (`"auto"`, `"no"`, `"fp16"` or `"bf16"`): Accelerate's autocast (quantizer, KL and loss
             reductions stay fp32). `auto`: what `accelerate launch --mixed_precision` / `accelerate config` say, and
             without either bf16 where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else
@@ -87,6 +102,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float | None = 1.0
+    max_nonfinite_steps: int = 10
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -104,10 +120,11 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = list(self.adam_betas)
-        assert len(self.adam_betas) == 2, f"train.adam_betas needs 2 values, got {self.adam_betas}"
-        assert self.max_steps > 0, "train.max_steps must be positive"
-        assert self.checkpoint_every > 0, "train.checkpoint_every must be positive"
-        assert self.keep_checkpoints > 0, "train.keep_checkpoints must be positive"
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas needs 2 values, got {self.adam_betas}")
+        for key in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -210,7 +227,9 @@ def _load_images(data: DataConfig, n: int) -> torch.Tensor:
             images.append(sample["pixel_values"])
         if len(images) == n:
             break
-    assert images, "the validation data has no decodable image"
+    if not images:
+        raise DataError(f"the validation data ({data.source} {data.path or data.name or data.split}) has no decodable "
+                        "image; set val_data or check the data")
     return torch.stack(images)
 
 
@@ -218,9 +237,13 @@ def train(config: RunConfig) -> dict:
     """Train the autoencoder described by `config`; returns the run summary (also written to `summary.json`)."""
     tc = config.train
     out = Path(config.output_dir)
-    if config.resume is None and list_checkpoints(out):
-        raise FileExistsError(f"{out} already holds checkpoints of a run: pass resume=latest to continue it, or choose "
-                              "another output_dir (or delete it) to start afresh")
+    factor = downsample_factor(config.model.block_out_channels, config.model.init_from)
+    check_resolution(model_type=config.model.type, downsample_factor=factor,
+                     resolutions={"data.resolution": config.data.resolution,
+                                  "val_data.resolution": _validation_config(config).resolution})
+    if config.resume is None and step_dirs(out):
+        raise LdtokError(f"{out} already holds checkpoints of a run: pass resume=latest to continue it, or choose "
+                         "another output_dir (or delete it) to start afresh")
     report_to = tc.report_to
     if report_to == "auto":
         try:
@@ -244,6 +267,7 @@ def train(config: RunConfig) -> dict:
     set_seed(tc.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)  # of an interrupted checkpoint write, rotation or final export
         save_config(config, out / "config.yaml")
     if report_to != "none":
         accelerator.init_trackers("ldtok", config={"output_dir": str(out)})
@@ -259,6 +283,8 @@ def train(config: RunConfig) -> dict:
     with accelerator.main_process_first():  # the embedded dataset is built once, by the main process
         dataset = build_dataset(config.data, train=True, seed=tc.seed)
     iterable = isinstance(dataset, IterableDataset)
+    if not iterable:
+        check_batch_fills(num_images=len(dataset), batch_size=tc.batch_size, num_processes=accelerator.num_processes)
     loader = DataLoader(
         dataset, batch_size=tc.batch_size, shuffle=not iterable, drop_last=not iterable, collate_fn=collate,
         num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
@@ -280,18 +306,32 @@ def train(config: RunConfig) -> dict:
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     raw_disc = accelerator.unwrap_model(disc, keep_torch_compile=False)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "skipped_files": 0}
-    resume_from = resolve_resume(config.resume, out)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "skipped_files": 0, "nonfinite_steps": 0}
+    resume_from = resolve_resume(config.resume, out)  # checksums verified
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as e:  # the files are whole (checked above): the config's model is another one
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            raise CheckpointError(f"cannot load {resume_from} into the model of this config ({type(e).__name__}: "
+                                  f"{first_line}); resume with the config the run was trained with") from e
         state.update(read_trainer_state(resume_from))
         if ema is not None:
-            ema.load_state_dict(load_file(resume_from / "ema.safetensors", device=str(accelerator.device)))
+            ema.load_state_dict(load_tensors(resume_from / "ema.safetensors"))
         if (resume_from / "loss.safetensors").is_file():  # LeCAM's running means
-            loss_fn.load_state_dict(load_file(resume_from / "loss.safetensors", device=str(accelerator.device)))
+            loss_fn.load_state_dict(load_tensors(resume_from / "loss.safetensors"))
         logger.info("resumed from %s at step %d", resume_from, state["step"])
     elif config.resume == "latest":
         logger.info("resume=latest: no checkpoint in %s yet, starting from step 0", out)
+    finished = resume_from is not None and state["step"] >= tc.max_steps
+    if finished:
+        logger.info("the run in %s already finished at step %d (train.max_steps=%d)", out, state["step"], tc.max_steps)
+    guard = NonFiniteGuard(accelerator=accelerator, max_consecutive=tc.max_nonfinite_steps,
+                           last_good=lambda: (list_checkpoints(out) or [None])[-1])
+    guard.total = state["nonfinite_steps"]
+
+    def weights() -> dict[str, torch.nn.Module]:
+        return {"model": raw_model, "discriminator": raw_disc, **({"ema": ema.model} if ema is not None else {})}
 
     def export_model(path: Path) -> None:
         (ema.model if ema is not None else raw_model).export(path)
@@ -304,6 +344,7 @@ def train(config: RunConfig) -> dict:
             save_file({k: v.contiguous().cpu() for k, v in loss_fn.state_dict().items()}, path / "loss.safetensors")
 
     def checkpoint() -> None:
+        guard.check_weights(weights(), writing=checkpoint_dir(out) / f"step_{state['step']:08d}")
         save_checkpoint(accelerator, out, step=state["step"], trainer_state=state, write_extra=write_checkpoint_extra,
                         keep=tc.keep_checkpoints)
 
@@ -331,13 +372,8 @@ def train(config: RunConfig) -> dict:
         return result
 
     def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> torch.Tensor | None:
-        accelerator.backward(loss)
-        grad_norm = None
-        if accelerator.sync_gradients and tc.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), tc.max_grad_norm)
-        optimizer.step()  # Accelerate's wrapper skips it while accumulating
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        # skips the step (on every rank) when the loss or gradient norm is non-finite
+        return guard.step(loss, optimizer, module.parameters(), max_grad_norm=tc.max_grad_norm)
 
     progress = tqdm(total=tc.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
@@ -349,19 +385,23 @@ def train(config: RunConfig) -> dict:
         loader.set_epoch(state["epoch"])  # the sampler's shuffle
         dataset.set_epoch(state["epoch"])  # the augmentation (crops, flips): seeded per (seed, epoch, sample)
         batches = accelerator.skip_first_batches(loader, state["batch_in_epoch"]) if state["batch_in_epoch"] else loader
+        epoch_progress = EpochProgress(fresh=state["batch_in_epoch"] == 0)
         for batch in batches:
             state["batch_in_epoch"] += 1
             state["skipped_files"] += len(batch["skipped"])
             for name in batch["skipped"]:
                 logger.warning("skipped an undecodable image: %s", name)
             x = batch["pixel_values"].to(memory_format=fmt)
+            epoch_progress.read(images=x.shape[0], skipped=len(batch["skipped"]))
             if accelerator.num_processes > 1:
                 # Every rank must take part in every step (DDP all-reduces): skip a batch only if some rank has none.
-                smallest = accelerator.reduce(torch.tensor([x.shape[0]], device=accelerator.device), "min")
+                # (Accelerate's reduce knows "max" and "sum", not "min": the minimum is minus the max of minus.)
+                smallest = -accelerator.reduce(torch.tensor([-x.shape[0]], device=accelerator.device), "max")
                 if int(smallest) == 0:
                     continue
             elif x.shape[0] == 0:
                 continue
+            epoch_progress.trained_batches += 1
             step = state["step"]
             for opt, base in ((opt_g, tc.lr), (opt_d, tc.disc_lr or tc.lr)):
                 lr = learning_rate(step, base=base, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps,
@@ -378,6 +418,10 @@ def train(config: RunConfig) -> dict:
             meter.stop(x.shape[0] * accelerator.num_processes)
             state["images_seen"] += x.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
+                continue
+            if guard.end_step(step=state["step"] + 1, terms=terms):  # skipped: not a step, the next batch retries it
+                state["nonfinite_steps"] = guard.total
+                log({"nonfinite_steps": guard.total})
                 continue
 
             state["step"] += 1
@@ -404,17 +448,26 @@ def train(config: RunConfig) -> dict:
             if done:
                 break
         else:
+            epoch_progress.check(epoch=state["epoch"], batch_size=tc.batch_size,
+                                 num_processes=accelerator.num_processes)
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     progress.close()
 
     # Final export: a plain diffusers directory, with latent statistics measured on the validation images.
     accelerator.wait_for_everyone()
+    if finished and (out / "final").is_dir():  # a finished run rerun: nothing to do, nothing rewritten
+        accelerator.end_training()
+        return _finished_summary(out, state, main=accelerator.is_main_process)
+    if finished:  # killed during its final export: export it now (validation too, for a missing summary)
+        last_val = evaluate(write_grid=True, compute_metrics=True)
+    guard.check_weights(weights(), writing=out / "final")
     checksums = accelerator.gather_for_metrics([weights_checksum(raw_model, raw_disc)], use_gather_object=True)
     summary = {
         "steps": state["step"],
         "images_seen": state["images_seen"],
         "skipped_files": state["skipped_files"],
+        "nonfinite_steps": state["nonfinite_steps"],
         "images_per_s": meter.rate(),
         "peak_memory_mib": peak_memory_mib(accelerator.device),
         "num_processes": accelerator.num_processes,
@@ -429,10 +482,20 @@ def train(config: RunConfig) -> dict:
             summary["latent_statistics"] = stats
         export_model(out / "final")
         summary["final"] = str(out / "final")
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        if not (finished and (out / "summary.json").is_file()):
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     accelerator.end_training()
+    if finished:
+        return {**_finished_summary(out, state, main=accelerator.is_main_process), "exported": True}
     return summary
 
+
+def _finished_summary(out: Path, state: dict, *, main: bool) -> dict:
+    """What `train` returns for a run that had already finished: its `summary.json` (untouched), marked so."""
+    if not main:
+        return {"already_finished": True, "steps": state["step"]}
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    return {**summary, "already_finished": True, "steps": state["step"], "final": str(out / "final")}
 
 __all__ = [
     "RunConfig", "TrainConfig", "autoencoder_step", "learning_rate", "list_checkpoints", "train", "weights_checksum",

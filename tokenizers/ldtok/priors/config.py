@@ -24,6 +24,8 @@ class PriorTrainConfig:
         warmup_steps (`int`): linear learning-rate warm-up from 0.
         lr_schedule (`"constant"` or `"cosine"`): after warm-up (cosine decays to 10% of `lr` at `max_steps`).
         max_grad_norm (`float`, *optional*): gradient clipping; `None` disables it.
+        max_nonfinite_steps (`int`): a non-finite loss or gradient norm skips the optimizer step (counted, logged);
+            this many skipped steps in a row stop the run with an error naming the last good checkpoint.
         mixed_precision (`"no"`, `"fp16"` or `"bf16"`): Accelerate's autocast (the loss is computed in fp32).
         ema_decay (`float`, *optional*): keep an EMA of the weights (e.g. 0.9999); sampling and the export use it.
         seed (`int`): seeds initialization, data order, noise and sampling.
@@ -43,6 +45,7 @@ class PriorTrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float | None = 1.0
+    max_nonfinite_steps: int = 10
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema_decay: float | None = None
     seed: int = 0
@@ -59,6 +62,7 @@ class PriorTrainConfig:
         assert self.log_every > 0, "train.log_every must be positive"
         assert self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"
         assert self.keep_checkpoints > 0, "train.keep_checkpoints must be positive"
+        assert self.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"
 
 
 # ------------------------------------------------------------------------------------------------ diffusion
