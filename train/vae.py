@@ -1,4 +1,5 @@
-"""Train a KL-VAE (Stable Diffusion's AutoencoderKL) with L1/L2 + LPIPS + PatchGAN losses.
+"""Train a KL-VAE (Stable Diffusion's AutoencoderKL) with L1/L2 + LPIPS + PatchGAN losses, or one of the classic
+small-image families: an MLP VAE / AE (`model.type: mlp`) or the hierarchical KL-VAE (`model.type: vae2`).
 
     accelerate launch train/vae.py --config configs/demo-kl.yaml [key=value ...]
 
@@ -16,8 +17,8 @@ def main() -> None:
         config = parse_args(RunConfig)
     except (ConfigError, AssertionError) as e:
         sys.exit(f"config error: {e}")
-    if config.model.type != "kl":
-        sys.exit(f"config error: model.type: train/vae.py trains KL models, got {config.model.type!r} "
+    if config.model.type not in ("kl", "mlp", "vae2"):
+        sys.exit(f"config error: model.type: train/vae.py trains kl, mlp and vae2 models, got {config.model.type!r} "
                  "(use train/vq.py)")
     try:
         summary = train(config)
@@ -25,7 +26,8 @@ def main() -> None:
         sys.exit(f"error: {e}")
     if "final" in summary:  # the main process
         val = summary["validation"]
-        print(f"final model: {summary['final']}  (diffusers AutoencoderKL)")
+        kind = {"kl": "diffusers AutoencoderKL", "mlp": "ldtok MLPAutoencoder", "vae2": "ldtok VAE2"}
+        print(f"final model: {summary['final']}  ({kind[config.model.type]})")
         print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}; reconstructions: {val.get('grid')}")
         print(f"training: {summary['images_per_s']:.1f} img/s, peak memory {summary['peak_memory_mib']:.0f} MiB")
 

@@ -161,7 +161,7 @@ def autoencoder_step(
     output = model(x_in)
     g_loss, terms = loss_fn.generator_loss(
         x, output.sample, discriminator=raw_disc, last_layer=last_layer, step=step,
-        posterior=output.posterior, quant=output.quant,
+        posterior=output.posterior, quant=output.quant, output=output,
     )
     grad_norm = update(g_loss, opt_g, model)
     if grad_norm is not None:
@@ -186,7 +186,7 @@ def weights_checksum(*models: torch.nn.Module) -> str:
 def _validation_config(config: RunConfig) -> DataConfig:
     if config.val_data is not None:
         return config.val_data
-    if config.data.source == "default":
+    if config.data.source in ("default", "digits"):  # the embedded sets have a validation split
         return replace(config.data, split="validation")
     return config.data
 
@@ -237,9 +237,11 @@ def train(config: RunConfig) -> dict:
         accelerator.init_trackers("ldtok", config={"output_dir": str(out)})
 
     # Build: models, loss, optimizers, data.
-    model = build_model(config.model)
+    contractive_samples = config.loss.contractive_samples if config.loss.contractive_weight > 0 else 0
+    model = build_model(config.model, decoder_logits=config.loss.reconstruction == "bce",
+                        contractive_samples=contractive_samples)
     disc = build_discriminator(config.loss)
-    loss_fn = build_loss(config.loss).to(accelerator.device)
+    loss_fn = build_loss(config.loss, max_steps=tc.max_steps).to(accelerator.device)
     betas = tuple(tc.adam_betas)
     opt_g = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay)

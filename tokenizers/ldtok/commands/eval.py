@@ -29,7 +29,8 @@ from pathlib import Path
 from ldtok.commands.data_args import add_data_arguments, data_config_from_args
 from ldtok.evaluation import PERCEPTUAL_DEFAULT
 
-DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation"}
+DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation",
+                 "digits": "validation"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--collapse-threshold", type=float, default=0.01,
                     help="KL: a channel with less KL than this (nats per image) counts as collapsed")
     ev.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    ev.add_argument("--label-column", help="integer class column (latent arithmetic uses group means by label)")
+    ev.add_argument("--anomaly-labels", metavar="FILE.csv",
+                    help="CSV with columns id,label (1/anomalous, 0/normal): ROC-AUC of the per-image MSE as an "
+                         "anomaly score, and its histogram; ids normal/... and anomalous/... need no file")
+    ev.add_argument("--no-latent-tools", action="store_true", help="no latent atlas / traversal / arithmetic pictures")
     ev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -103,6 +109,15 @@ def print_summary(result, paths: dict, file=sys.stdout) -> None:
         print(f"  {name}: {path}", file=file)
 
 
+def _in_channels(model) -> int:
+    """The image channels the tokenizer takes (its diffusers config's `in_channels`; 3 when it does not say)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and "in_channels" in config:
+            return int(config["in_channels"])
+    return 3
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from accelerate import Accelerator
@@ -122,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     config = data_config_from_args(
         args, split=args.split or DEFAULT_SPLIT[args.data_source],
         resolution=args.resolution or (128 if args.data_source == "default" else 256),
+        channels=_in_channels(model), label_column=args.label_column,
     )
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
         dataset = build_dataset(config, train=False)
@@ -130,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         grid_images=args.grid_images, interpolation_pairs=args.interpolation_pairs,
         interpolation_steps=args.interpolation_steps, prior_samples=args.prior_samples,
         collapse_threshold=args.collapse_threshold, seed=args.seed, progress=not args.no_progress,
+        latent_tools=not args.no_latent_tools, anomaly_labels=args.anomaly_labels,
     )  # fmt: skip
     feature_net = load_feature_net(args.feature_net) if args.feature_net and args.fid != "off" else None
     result = evaluate_tokenizer(model, dataset, accelerator=accelerator, options=options, feature_net=feature_net)

@@ -5,7 +5,8 @@
 - `AutoencoderKL` (ours or anyone's, e.g. Stable Diffusion's VAE) -> `KLAutoencoder`;
 - `VQModel` (ours or anyone's) -> `VQGAN` with the directory's codebook (`ldtok.json`, written by our export, says
   whether codes are l2-normalized; other VQModels use plain nearest-code quantization, as diffusers does);
-- `VQVAE2` -> `VQVAE2Autoencoder`.
+- `VQVAE2` -> `VQVAE2Autoencoder`;
+- `MLPAutoencoder` -> `MLPVAEAutoencoder` (a KL model, `kind` "kl"); `VAE2` -> `VAE2Autoencoder` (`kind` "vae2").
 
 The result is in eval mode with gradients off, and has `kind` ("kl", "vq" or "vqvae2"), `forward(x) ->
 AutoencoderOutput`, `config_sha256()`, and per family `encode_posterior` / `decode_latents` (KL) or
@@ -52,7 +53,15 @@ def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu
         from .vqvae2 import VQVAE2, VQVAE2Autoencoder
 
         model = VQVAE2Autoencoder(vqvae2=VQVAE2.from_pretrained(path))
+    elif class_name == "MLPAutoencoder":
+        from .mlp import MLPAutoencoder, MLPVAEAutoencoder
+
+        model = MLPVAEAutoencoder(vae=MLPAutoencoder.from_pretrained(path))
+    elif class_name == "VAE2":
+        from .vae2 import VAE2, VAE2Autoencoder
+
+        model = VAE2Autoencoder(vae2=VAE2.from_pretrained(path))
     else:
         raise ValueError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
-                         "(AutoencoderKL, VQModel or VQVAE2)")
+                         "(AutoencoderKL, VQModel, VQVAE2, MLPAutoencoder or VAE2)")
     return model.eval().requires_grad_(False).to(device)
