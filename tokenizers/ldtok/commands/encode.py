@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ldtok.data import build_dataset, collate
     from ldtok.meters import peak_memory_mib
-    from ldtok.models import load_tokenizer
+    from ldtok.models import load_tokenizer, tokenizer_in_channels
     from ldtok.shards import KIND_FIELDS, ShardWriter, write_manifest
 
     B, S = args.batch_size, args.samples_per_shard
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = data_config_from_args(
         args, split=args.split, resolution=args.resolution, label_column=args.label_column,
-        caption_column=args.caption_column, on_bad_image=args.on_bad_image,
+        caption_column=args.caption_column, on_bad_image=args.on_bad_image, channels=tokenizer_in_channels(model),
     )
     dataset = build_dataset(config, train=False)
     if args.crop == "resize":  # same decoding, ids and columns; only the pixel pipeline differs

@@ -109,22 +109,13 @@ def print_summary(result, paths: dict, file=sys.stdout) -> None:
         print(f"  {name}: {path}", file=file)
 
 
-def _in_channels(model) -> int:
-    """The image channels the tokenizer takes (its diffusers config's `in_channels`; 3 when it does not say)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and "in_channels" in config:
-            return int(config["in_channels"])
-    return 3
-
-
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from accelerate import Accelerator
 
     from ldtok.data import build_dataset
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
-    from ldtok.models import load_tokenizer
+    from ldtok.models import load_tokenizer, tokenizer_in_channels
     from ldtok.report import write_report
 
     perceptual = [n.strip() for n in args.perceptual.split(",") if n.strip() and n.strip() != "none"]
@@ -137,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     config = data_config_from_args(
         args, split=args.split or DEFAULT_SPLIT[args.data_source],
         resolution=args.resolution or (128 if args.data_source == "default" else 256),
-        channels=_in_channels(model), label_column=args.label_column,
+        channels=tokenizer_in_channels(model), label_column=args.label_column,
     )
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
         dataset = build_dataset(config, train=False)

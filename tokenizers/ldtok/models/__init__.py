@@ -3,7 +3,7 @@
 from .config import MODEL_PRESETS, ModelConfig
 from .export import save_pretrained_atomic
 from .kl import KLAutoencoder, build_autoencoder_kl
-from .loading import load_tokenizer
+from .loading import load_tokenizer, tokenizer_in_channels
 
 
 def build_model(config: ModelConfig, *, decoder_logits: bool = False, contractive_samples: int = 0):
@@ -53,4 +53,5 @@ __all__ = [
     "build_model",
     "load_tokenizer",
     "save_pretrained_atomic",
+    "tokenizer_in_channels",
 ]

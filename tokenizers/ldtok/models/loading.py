@@ -28,6 +28,15 @@ from .config import ModelConfig
 from .kl import KLAutoencoder
 
 
+def tokenizer_in_channels(model: nn.Module) -> int:
+    """The image channels a tokenizer takes: its diffusers config's `in_channels` (3 when no config says)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and "in_channels" in config:
+            return int(config["in_channels"])
+    return 3
+
+
 def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
     """Load the tokenizer saved at `path` (see the module docstring), in eval mode on `device`."""
     path = Path(path)
