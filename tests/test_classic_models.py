@@ -177,3 +177,14 @@ def test_hf_greyscale_dataset_with_one_channel(tmp_path):
 def test_channels_must_be_1_or_3():
     with pytest.raises(ConfigError, match="data.channels"):
         DataConfig(channels=4)
+
+
+def test_data_and_model_channels_must_agree():
+    from ldtok.config import load_config
+    from ldtok.training import RunConfig
+
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        load_config(RunConfig, None, ["data.channels=1"])
+    from launch import ROOT
+
+    assert load_config(RunConfig, ROOT / "configs" / "demo-mnist-vae.yaml").data.channels == 1

@@ -119,6 +119,13 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        if self.model.init_from is None and self.data.channels != self.model.in_channels:
+            from .config import ConfigError
+
+            raise ConfigError(f"data.channels={self.data.channels} but model.in_channels={self.model.in_channels}: "
+                              "set both to 1 (greyscale) or 3 (RGB)")
+
 
 def learning_rate(step: int, *, base: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 10%."""

