@@ -11,6 +11,7 @@ from ldtok.digits_dataset import digits_split_indices
 from ldtok.losses import LossConfig, build_discriminator, build_loss
 from ldtok.models import ModelConfig, build_model, load_tokenizer
 from ldtok.models.vae2 import VAE2, gaussian_kl_map
+from ldtok.quantizers import QuantizerConfig
 from ldtok.regularizers import hierarchical_kl
 
 TINY_VAE2 = dict(type="vae2", in_channels=1, block_out_channels=[32, 32], layers_per_block=1, latent_channels=3,
@@ -63,6 +64,16 @@ def test_kl_family_on_32px_greyscale_with_perceptual_and_gan_terms():
     assert model.vae.encoder.conv_in.weight.grad.abs().sum() > 0
     d_loss, _ = loss_fn.discriminator_loss(x, out.sample, discriminator=disc, step=0)  # greyscale shown as RGB
     assert torch.isfinite(d_loss)
+
+
+@pytest.mark.parametrize("family", ["vqgan", "vqvae2"])
+def test_vq_families_on_32px_greyscale(family):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(type=family, in_channels=1, block_out_channels=[32, 64], sample_size=32,
+                                    latent_channels=8, mid_block_add_attention=False,
+                                    quantizer=QuantizerConfig(codebook_size=16, codebook_dim=8)))
+    out = model(grey(n=3))
+    assert out.sample.shape == (3, 1, 32, 32) and out.quant is not None
 
 
 # ------------------------------------------------------------------------------------------ hierarchical KL-VAE
