@@ -176,14 +176,15 @@ def test_kl_model_report_files(tmp_path, accelerator):
     assert result.kl_per_channel == pytest.approx(kl.sum(dim=(2, 3)).mean(0).tolist(), rel=1e-4)
     assert result.collapsed_channels == [c for c, v in enumerate(result.kl_per_channel) if v < 0.01]
     assert 0 < result.value("val/psnr") < PSNR_CAP and result.value("val/rfid") > 0
-    assert set(result.pictures) == {"reconstructions", "interpolations", "prior_samples"}
+    assert set(result.pictures) == {"reconstructions", "interpolations", "prior_samples", "latent_traversals",
+                                    "latent_arithmetic"}  # the last two: ldtok.latent_tools
 
     paths = write_report(result, tmp_path / "report", model={"path": "kl", "kind": "kl", "config_sha256": "x"},
                          dataset={"source": "test"})
     report = json.loads(paths["json"].read_text())
     html = parse_html(paths["html"])
     pngs = [base64.b64decode(src.removeprefix("data:image/png;base64,")) for src in html.imgs]
-    assert len(pngs) == 3 and all(src.startswith("data:image/png;base64,") for src in html.imgs)
+    assert len(pngs) == 5 and all(src.startswith("data:image/png;base64,") for src in html.imgs)
     sizes = [Image.open(io.BytesIO(png)).size for png in pngs]
     assert sizes[0] == Image.open(paths["reconstructions"]).size
     assert sizes[1] == (2 + 7 * 34, 2 + 2 * 34)  # 2 rows of original + 5 steps + original, 32 px and padding 2

@@ -1,4 +1,5 @@
-"""Train a KL-VAE (Stable Diffusion's AutoencoderKL) with L1/L2 + LPIPS + PatchGAN losses.
+"""Train a KL-VAE (Stable Diffusion's AutoencoderKL) with L1/L2 + LPIPS + PatchGAN losses, or one of the classic
+small-image families: an MLP VAE / AE (`model.type: mlp`) or the hierarchical KL-VAE (`model.type: vae2`).
 
     accelerate launch train/vae.py --config configs/demo-kl.yaml [key=value ...]
 
@@ -15,8 +16,9 @@ def main() -> None:
         config = parse_args(RunConfig)
     except AssertionError as e:  # a section's own value checks
         raise ConfigError(str(e)) from None
-    if config.model.type != "kl":
-        raise ConfigError(f"model.type: train/vae.py trains KL models, got {config.model.type!r} (use train/vq.py)")
+    if config.model.type not in ("kl", "mlp", "vae2"):
+        raise ConfigError(f"model.type: train/vae.py trains kl, mlp and vae2 models, got {config.model.type!r} "
+                          "(use train/vq.py)")
     summary = train(config)
     if "final" not in summary:  # not the main process
         return
@@ -26,7 +28,8 @@ def main() -> None:
               f"{config.train.max_steps}); {action}; final model: {summary['final']}")
         return
     val = summary["validation"]
-    print(f"final model: {summary['final']}  (diffusers AutoencoderKL)")
+    kind = {"kl": "diffusers AutoencoderKL", "mlp": "ldtok MLPAutoencoder", "vae2": "ldtok VAE2"}
+    print(f"final model: {summary['final']}  ({kind[config.model.type]})")
     print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}; reconstructions: {val.get('grid')}")
     print(f"training: {summary['images_per_s']:.1f} img/s, peak memory {summary['peak_memory_mib']:.0f} MiB")
 

@@ -27,8 +27,8 @@ def adaptive_gan_loss(
     """`(loss, weight)`: the generator loss `nll + weight·gan + rest` to backpropagate once, and the detached weight.
 
     Args:
-        x_rec (`Tensor` of shape `(B, C, H, W)`): the reconstruction, the only path from `nll` and `gan` to the
-            parameters.
+        x_rec (`Tensor`): the decoder's output (the reconstruction, or the logits it is computed from), the only path
+            from `nll` and `gan` to the parameters.
         nll (`Tensor`, scalar): reconstruction + perceptual loss of `x_rec`.
         gan (`Tensor`, scalar): the generator's GAN loss of `x_rec` (discriminator parameters detached).
         rest (`Tensor`, scalar): the terms that do not pass through `x_rec` (KL, quantizer losses).

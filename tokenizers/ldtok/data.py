@@ -45,11 +45,12 @@ class DataConfig:
     """Where the images come from and how they are turned into training tensors.
 
     Args:
-        source (`"default"`, `"folder"`, `"hf"` or `"webdataset"`, defaults to `"default"`):
+        source (`"default"`, `"folder"`, `"hf"`, `"webdataset"` or `"digits"`, defaults to `"default"`):
             `"default"`: the embedded photo crops of `ldtok.default_dataset` (splits `"train"`, `"validation"`);
             `"folder"`: a local folder of images (HF `imagefolder`; sub-folders `train/`, `validation/`... become
             splits); `"hf"`: `load_dataset(name)`, a Hub dataset in the local HF cache or a local dataset directory;
-            `"webdataset"`: `.tar` shards read by HF's `webdataset` builder.
+            `"webdataset"`: `.tar` shards read by HF's `webdataset` builder; `"digits"`: scikit-learn's bundled 8x8
+            handwritten digits with labels (`ldtok.digits_dataset`; splits `"train"`, `"validation"`; greyscale).
         path (`str`, *optional*): the image folder (`"folder"`), or the shards (`"webdataset"`): a glob or a
             comma-separated list of paths / URLs.
         name (`str`, *optional*): the HF dataset name or local dataset directory (`"hf"`).
@@ -67,9 +68,11 @@ class DataConfig:
         num_workers (`int`, defaults to 0): DataLoader worker processes (read by the scripts that build loaders).
         max_samples (`int`, *optional*): keep only the first `max_samples` samples.
         cache_dir (`str`, *optional*): HF datasets cache directory (defaults to HF's own, `HF_DATASETS_CACHE`).
+        channels (`int`, 1 or 3, defaults to 3): image channels of the tensors: 3 (RGB) or 1 (greyscale, PIL's `L`
+            conversion of the RGB image); must equal the model's `in_channels`.
     """
 
-    source: Literal["default", "folder", "hf", "webdataset"] = "default"
+    source: Literal["default", "folder", "hf", "webdataset", "digits"] = "default"
     path: str | None = None
     name: str | None = None
     subset: str | None = None
@@ -85,6 +88,13 @@ class DataConfig:
     num_workers: int = 0
     max_samples: int | None = None
     cache_dir: str | None = None
+    channels: int = 3
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            from .config import ConfigError
+
+            raise ConfigError(f"data.channels must be 1 (greyscale) or 3 (RGB), got {self.channels!r}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -175,11 +185,13 @@ class ImageTransform:
         resolution (`int`): output side `R`.
         random_crop (`bool`, defaults to `False`): random crop position, else the center.
         random_flip (`bool`, defaults to `False`): horizontal flip with probability 0.5.
+        channels (`int`, defaults to 3): 3 for RGB output, 1 for greyscale (`(1, R, R)`).
     """
 
-    def __init__(self, *, resolution: int, random_crop: bool = False, random_flip: bool = False):
+    def __init__(self, *, resolution: int, random_crop: bool = False, random_flip: bool = False, channels: int = 3):
         assert resolution > 0, f"resolution must be positive, got {resolution}"
         self.resolution = resolution
+        self.channels = channels
         self.random_crop = random_crop
         self.random_flip = random_flip
 
@@ -203,7 +215,9 @@ class ImageTransform:
         sx, sy = out_w / W, out_h / H
         box = (left / sx, top / sy, (left + R) / sx, (top + R) / sy)
         image = image.resize((R, R), Image.Resampling.BICUBIC, box=box)
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (R, R, 3) -> (3, R, R)
+        if self.channels == 1:
+            image = image.convert("L")
+        x = torch.from_numpy(np.array(image, dtype=np.uint8).reshape(R, R, -1)).permute(2, 0, 1)  # (C, R, R)
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         return x.float().div_(127.5).sub_(1.0)
@@ -374,11 +388,16 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
             raise DataError("data.name (HF dataset name or local dataset directory) is required for source 'hf'")
         ds = datasets.load_dataset(os.path.expanduser(config.name), config.subset, **common)
         id_from = "index"
+    elif config.source == "digits":
+        from ldtok.digits_dataset import load_digits_dataset
+
+        ds = load_digits_dataset(config.split)
+        id_from = "index"
     elif config.source == "webdataset":
         ds = datasets.load_dataset("webdataset", data_files={config.split: _shard_list(config.path)}, **common)
         id_from = "key"
     else:
-        raise DataError(f"unknown data.source {config.source!r}; expected default, folder, hf or webdataset")
+        raise DataError(f"unknown data.source {config.source!r}; expected default, folder, hf, webdataset or digits")
 
     ds = _prepare_columns(ds, config)
     if config.max_samples is not None:
@@ -387,6 +406,7 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
         resolution=config.resolution,
         random_crop=train and config.crop == "random",
         random_flip=train and config.flip,
+        channels=config.channels,
     )
     processor = SampleProcessor(
         transform=transform,

@@ -77,6 +77,11 @@ class EvalOptions:
             as collapsed.
         seed (`int`, defaults to 0): seed of the prior samples.
         progress (`bool`, defaults to `True`): a tqdm bar on the main process.
+        latent_tools (`bool`, defaults to `True`): latent atlas (2-D latents), traversals and arithmetic pictures (KL
+            models), top-down prior samples (hierarchical VAEs); see `ldtok.latent_tools`.
+        anomaly_labels (`str`, *optional*): a CSV of `id,label` (1 / anomalous, 0 / normal): report the ROC-AUC of
+            the per-image MSE as an anomaly score, and its histogram. Ids laid out as `normal/...` and
+            `anomalous/...` (an image folder with those sub-folders) are labelled without it.
     """
 
     batch_size: int = 16
@@ -90,6 +95,8 @@ class EvalOptions:
     collapse_threshold: float = 0.01
     seed: int = 0
     progress: bool = True
+    latent_tools: bool = True
+    anomaly_labels: str | None = None
 
 
 @dataclass
@@ -273,7 +280,7 @@ def evaluate_tokenizer(
         diff = to_uint8(x).double() - to_uint8(x_rec).double()
         values = {"mse": diff.pow(2).flatten(1).mean(dim=1), "psnr": psnr(x, x_rec), "ssim": ssim(x, x_rec)}
         for name, net in nets.items():
-            values[name] = net(x, x_rec).float()
+            values[name] = net(_rgb(x), _rgb(x_rec)).float()
         if out.posterior is not None:
             mean, logvar = out.posterior.mean.float(), out.posterior.logvar.float()  # (B, C, h, w)
             values["kl_channel"] = kl_per_sample_channel(mean, logvar)  # (B, C)
@@ -286,15 +293,23 @@ def evaluate_tokenizer(
         for level, q, size in _quant_levels(model, out):
             acc.add_indices(f"codes/{level}", ids, q.indices, num_codes=size)
         if features is not None:
-            acc.add_features("real", ids, features(x).float())
-            acc.add_features("reconstructed", ids, features(x_rec).float())
+            acc.add_features("real", ids, features(_rgb(x)).float())
+            acc.add_features("reconstructed", ids, features(_rgb(x_rec)).float())
 
     gathered = acc.gather(accelerator)
     result = _summarize(model, gathered, options, nets=nets, not_run=not_run, features=features,
                         fid_reason=fid_reason)
     if main:
         result.pictures = make_pictures(model, dataset, options=options, device=device, autocast=accelerator.autocast)
+    from .latent_tools import add_latent_tools
+
+    add_latent_tools(result, model, dataset, options=options, device=device, autocast=accelerator.autocast, main=main)
     return result
+
+
+def _rgb(x: Tensor) -> Tensor:
+    """Greyscale `(B, 1, H, W)` replicated to 3 channels for the RGB networks (perceptual, rFID features)."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason) -> EvalResult:

@@ -15,7 +15,8 @@ from .atomic import write_bytes_atomic
 
 
 def to_pil(x: Tensor) -> Image.Image:
-    """One image `(3, H, W)` in [-1, 1] to an RGB PIL image."""
+    """One image `(3, H, W)` (or greyscale `(1, H, W)`, shown as grey RGB) in [-1, 1] to an RGB PIL image."""
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
     array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
 
@@ -24,8 +25,8 @@ def make_grid(rows: list[Tensor], *, padding: int = 2) -> Image.Image:
     """Stack image rows into one picture.
 
     Args:
-        rows (`list[Tensor]`): each `(N, 3, H, W)` in [-1, 1]; all rows share N, H and W (e.g. originals, then their
-            reconstructions).
+        rows (`list[Tensor]`): each `(N, 3, H, W)` (or greyscale `(N, 1, H, W)`) in [-1, 1]; all rows share N, H
+            and W (e.g. originals, then their reconstructions).
         padding (`int`): white pixels between images.
     """
     n, _, h, w = rows[0].shape

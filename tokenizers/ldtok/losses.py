@@ -23,7 +23,7 @@ value and parameter gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -31,9 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldtok import regularizers as reg
 from ldtok.adaptive_weight import adaptive_gan_loss
 from ldtok.discriminator import PatchDiscriminator
-from ldtok.outputs import QuantizerOutput
+from ldtok.outputs import AutoencoderOutput, QuantizerOutput
 from ldtok.perceptual import PERCEPTUAL_NETS, build_perceptual
 
 if TYPE_CHECKING:
@@ -45,7 +46,9 @@ class LossConfig:
     """Weights and switches of `AutoencoderLoss` (and the discriminator's shape).
 
     Args:
-        reconstruction (`"l1"` or `"l2"`, defaults to `"l1"`): pixel loss, mean over all values.
+        reconstruction (`"l1"`, `"l2"` or `"bce"`, defaults to `"l1"`): pixel loss, mean over all values; `bce`:
+            Bernoulli likelihood, the decoder's output read as logits against the image mapped to [0, 1] (the trainer
+            then builds the model with a logits decoder; `mlp` and `vae2` models).
         rec_weight (`float`, defaults to 1.0): weight of the pixel loss in the NLL.
         perceptual (`str`, defaults to `"lpips-vgg"`): perceptual network (`ldtok.perceptual.PERCEPTUAL_NETS`:
             `"lpips-vgg"`, `"lpips-alex"`, `"stlpips-vgg"`, `"stlpips-alex"` or `"none"`).
@@ -71,9 +74,17 @@ class LossConfig:
         free_bits (`float`, defaults to 0.0): per-latent-channel KL floor in nats (per sample, summed over positions);
             channels below it get no KL gradient. 0 disables it.
         quant_weight (`float`, defaults to 1.0): weight of the quantizers' losses (VQ models).
+        kl_schedule (`"linear"` or `"cyclical"`), kl_cycles (`int`, 4), kl_ratio (`float`, 0.5), kl_total_steps
+            (`int`, *optional*, defaults to `train.max_steps`): the KL weight's schedule, see
+            `ldtok.regularizers.kl_weight_at` (linear: over `kl_warmup_steps`; cyclical: Fu et al. 2019).
+        sparsity (`"none"`, `"l1"` or `"kl"`), sparsity_weight (`float`, 0), sparsity_target (`float`, 0.05): the
+            sparse-autoencoder penalty on the latent code (`ldtok.regularizers.sparsity_penalty`).
+        contractive_weight (`float`, 0), contractive_samples (`int`, 1): the contractive penalty, the per-sample
+            squared Frobenius norm of the encoder's Jacobian, estimated in the model's forward with this many random
+            projections (`ldtok.regularizers.jacobian_frobenius_sq`).
     """
 
-    reconstruction: Literal["l1", "l2"] = "l1"
+    reconstruction: Literal["l1", "l2", "bce"] = "l1"
     rec_weight: float = 1.0
     perceptual: str = "lpips-vgg"
     perceptual_weight: float = 1.0
@@ -91,6 +102,15 @@ class LossConfig:
     kl_warmup_steps: int = 0
     free_bits: float = 0.0
     quant_weight: float = 1.0
+    kl_schedule: Literal["linear", "cyclical"] = "linear"
+    kl_cycles: int = 4
+    kl_ratio: float = 0.5
+    kl_total_steps: int | None = None
+    sparsity: Literal["none", "l1", "kl"] = "none"
+    sparsity_weight: float = 0.0
+    sparsity_target: float = 0.05
+    contractive_weight: float = 0.0
+    contractive_samples: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -98,9 +118,11 @@ class LossConfig:
     def validate(self) -> None:
         """Raise `ValueError` naming the first field with a value out of its range."""
         choices = {
-            "reconstruction": ("l1", "l2"),
+            "reconstruction": ("l1", "l2", "bce"),
             "disc_loss": ("hinge", "non_saturating"),
             "perceptual": PERCEPTUAL_NETS,
+            "kl_schedule": reg.KL_SCHEDULES,
+            "sparsity": reg.SPARSITY_KINDS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -116,20 +138,29 @@ class LossConfig:
             "kl_warmup_steps",
             "free_bits",
             "quant_weight",
+            "sparsity_weight",
+            "contractive_weight",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.lecam_decay < 1.0:
             raise ValueError(f"LossConfig.lecam_decay must be in [0, 1), got {self.lecam_decay!r}")
+        reg.validate_classic(self)
 
 
 def build_discriminator(config: LossConfig) -> PatchDiscriminator:
     """The PatchGAN discriminator described by `config` (GroupNorm, logits out)."""
+    # 3 channels whatever the images have: the loss shows greyscale images to it replicated to RGB (see `_rgb`)
     return PatchDiscriminator(in_channels=3, channels=config.disc_channels, num_layers=config.disc_layers)
 
 
-def build_loss(config: LossConfig) -> AutoencoderLoss:
-    """`AutoencoderLoss` with its perceptual network built from `config` (none when `perceptual_weight == 0`)."""
+def build_loss(config: LossConfig, *, max_steps: int | None = None) -> AutoencoderLoss:
+    """`AutoencoderLoss` with its perceptual network built from `config` (none when `perceptual_weight == 0`);
+    `max_steps` (the run's `train.max_steps`) is the cyclical KL schedule's span unless `kl_total_steps` is set."""
+    if config.kl_schedule == "cyclical" and config.kl_total_steps is None:
+        if max_steps is None:
+            raise ValueError("loss.kl_schedule=cyclical needs loss.kl_total_steps (or build_loss(max_steps=...))")
+        config = replace(config, kl_total_steps=max_steps)
     perceptual = None
     if config.perceptual_weight > 0:
         perceptual = build_perceptual(config.perceptual, random_init=config.perceptual_random_init)
@@ -168,11 +199,10 @@ class AutoencoderLoss(nn.Module):
         return step >= self.config.disc_start and self.config.disc_weight > 0
 
     def kl_weight_at(self, step: int) -> float:
-        """KL weight after the linear warm-up."""
+        """KL weight at `step` under `kl_schedule` (linear warm-up, or cyclical)."""
         cfg = self.config
-        if cfg.kl_warmup_steps == 0:
-            return cfg.kl_weight
-        return cfg.kl_weight * min(1.0, step / cfg.kl_warmup_steps)
+        return reg.kl_weight_at(step, weight=cfg.kl_weight, schedule=cfg.kl_schedule, warmup_steps=cfg.kl_warmup_steps,
+                                total_steps=cfg.kl_total_steps, cycles=cfg.kl_cycles, ratio=cfg.kl_ratio)
 
     # ------------------------------------------------------------------------------------------ generator
 
@@ -186,6 +216,7 @@ class AutoencoderLoss(nn.Module):
         step: int,
         posterior: DiagonalGaussianDistribution | None = None,
         quant: QuantizerOutput | list[QuantizerOutput] | None = None,
+        output: AutoencoderOutput | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The autoencoder's loss.
 
@@ -200,33 +231,41 @@ class AutoencoderLoss(nn.Module):
             step (`int`): global step (GAN start, KL warm-up).
             posterior (`DiagonalGaussianDistribution`, *optional*): KL models' posterior (`.mean`, `.logvar`).
             quant (`QuantizerOutput` or a list of them, *optional*): VQ models' quantizer outputs.
+            output (`AutoencoderOutput`, *optional*): the model's whole output, for the terms that need more than
+                the reconstruction: `logits` (`bce`), `latents` (sparsity), `contractive`, `kl_maps` (hierarchical
+                VAEs, one KL per level with free bits per level).
 
         Returns:
             `(loss, terms)`: the scalar loss to backpropagate, and detached scalars for logging: `loss`, `rec`,
             `perceptual`, `nll`, `kl` (free-bits KL per image value, unweighted), `kl_nats` (raw per-sample KL),
             `quant` (unweighted sum of the quantizer losses), `gan` (unweighted generator GAN loss) and
-            `adaptive_weight` (the GAN term's weight, `disc_weight` included); only the keys that apply.
+            `adaptive_weight` (the GAN term's weight, `disc_weight` included), `kl_<level>` (hierarchical KL per
+            level, nats), `sparsity`, `contractive` (unweighted); only the keys that apply.
         """
         cfg = self.config
         _, C, H, W = x.shape
         assert x_rec.shape == x.shape, f"reconstruction shape {tuple(x_rec.shape)} != input shape {tuple(x.shape)}"
         terms: dict[str, Tensor] = {}
 
-        diff = x_rec.float() - x.float()
-        rec = diff.abs().mean() if cfg.reconstruction == "l1" else diff.pow(2).mean()
+        rec = reg.reconstruction_term(cfg, x, x_rec, output)
         terms["rec"] = rec
         nll = cfg.rec_weight * rec
         if self.perceptual is not None and cfg.perceptual_weight > 0:
-            perceptual = self.perceptual(x, x_rec).float().mean()
+            perceptual = self.perceptual(_rgb(x), _rgb(x_rec)).float().mean()
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
         terms["nll"] = nll
-        rest = torch.zeros((), device=x.device)  # the terms that do not pass through x_rec
-
-        if posterior is not None:
+        rest = torch.zeros((), device=x.device)  # the terms that do not pass through the decoder's output
+        posterior = posterior if posterior is not None or output is None else output.posterior
+        if output is not None and output.kl_maps is not None:
+            kl, kl_nats, per_level = reg.hierarchical_kl(output.kl_maps, free_bits=cfg.free_bits, num_values=C * H * W)
+            terms.update({f"kl_{name}": v for name, v in per_level.items()})
+        elif posterior is not None:
             kl, kl_nats = self._kl(posterior, num_values=C * H * W)
+        if posterior is not None or (output is not None and output.kl_maps is not None):
             terms["kl"], terms["kl_nats"] = kl, kl_nats
             rest = rest + self.kl_weight_at(step) * kl
+        rest = rest + reg.classic_regularizers(cfg, output, terms)  # sparsity, contractive: encoder-side terms
 
         if quant is not None:
             quants = quant if isinstance(quant, (list, tuple)) else [quant]
@@ -238,15 +277,17 @@ class AutoencoderLoss(nn.Module):
         if self.disc_active(step):
             if discriminator is None:
                 raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
-            logits_fake = _call_with_detached_parameters(discriminator, x_rec).float()
+            logits_fake = _call_with_detached_parameters(discriminator, _rgb(x_rec)).float()
             if cfg.disc_loss == "hinge":
                 gan = -logits_fake.mean()
             else:
                 gan = F.softplus(-logits_fake).mean()
             terms["gan"] = gan
             if self._can_adapt(nll, gan, last_layer):
+                # logits decoders (bce): x_rec = f(logits), and the bce term reads the logits themselves
+                pivot = output.logits if output is not None and output.logits is not None else x_rec
                 loss, terms["adaptive_weight"] = adaptive_gan_loss(
-                    x_rec, nll=nll, gan=gan, rest=rest, last_layer=last_layer, disc_weight=cfg.disc_weight,
+                    pivot, nll=nll, gan=gan, rest=rest, last_layer=last_layer, disc_weight=cfg.disc_weight,
                     max_ratio=cfg.adaptive_weight_max,
                 )
             else:
@@ -300,7 +341,7 @@ class AutoencoderLoss(nn.Module):
         """
         cfg = self.config
         B = x.shape[0]
-        logits = discriminator(torch.cat([x, x_rec.detach()], dim=0)).float()  # (2B, 1, h, w)
+        logits = discriminator(_rgb(torch.cat([x, x_rec.detach()], dim=0))).float()  # (2B, 1, h, w)
         logits_real, logits_fake = logits[:B], logits[B:]
         if cfg.disc_loss == "hinge":
             loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
@@ -330,6 +371,11 @@ class AutoencoderLoss(nn.Module):
         else:
             self.lecam_ema.lerp_(means, 1.0 - self.config.lecam_decay)
         self.lecam_count += 1
+
+
+def _rgb(x: Tensor) -> Tensor:
+    """Greyscale `(B, 1, H, W)` replicated to 3 channels (the perceptual nets and the discriminator see RGB)."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -45,8 +45,20 @@ class AutoencoderOutput:
         posterior (`DiagonalGaussianDistribution`, *optional*): the KL model's posterior; `None` for VQ models and for
             a KL model in deterministic mode.
         quant (`QuantizerOutput` or list of them, *optional*): VQ models' quantizer outputs (VQ-VAE-2: `[top, bottom]`).
+        latents (`Tensor` of shape `(B, C, h, w)`, *optional*): the encoder's deterministic code (KL: the posterior
+            mean), for the sparsity penalty; models that do not expose it leave it `None`.
+        logits (`Tensor` of shape `(B, C, H, W)`, *optional*): the decoder's raw output when it is read as Bernoulli
+            logits (`loss.reconstruction=bce`); `sample` is then `2 * sigmoid(logits) - 1`.
+        contractive (`Tensor`, scalar, *optional*): the Hutchinson estimate of the encoder Jacobian's squared
+            Frobenius norm, computed in the (wrapped) forward when the model was built with contractive samples.
+        kl_maps (`dict[str, Tensor]`, *optional*): hierarchical VAEs: level name -> KL map `(B, C_l, h_l, w_l)` in
+            nats of that level's posterior against its (possibly conditional) prior; used instead of `posterior`.
     """
 
     sample: Tensor
     posterior: DiagonalGaussianDistribution | None = None
     quant: QuantizerOutput | list[QuantizerOutput] | None = None
+    latents: Tensor | None = None
+    logits: Tensor | None = None
+    contractive: Tensor | None = None
+    kl_maps: dict[str, Tensor] | None = None

@@ -146,6 +146,13 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        if self.model.init_from is None and self.data.channels != self.model.in_channels:
+            from .config import ConfigError
+
+            raise ConfigError(f"data.channels={self.data.channels} but model.in_channels={self.model.in_channels}: "
+                              "set both to 1 (greyscale) or 3 (RGB)")
+
 
 def learning_rate(step: int, *, base: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 10%."""
@@ -188,7 +195,7 @@ def autoencoder_step(
     output = model(x_in)
     g_loss, terms = loss_fn.generator_loss(
         x, output.sample, discriminator=raw_disc, last_layer=last_layer, step=step,
-        posterior=output.posterior, quant=output.quant,
+        posterior=output.posterior, quant=output.quant, output=output,
     )
     grad_norm = update(g_loss, opt_g, model)
     if grad_norm is not None:
@@ -213,7 +220,7 @@ def weights_checksum(*models: torch.nn.Module) -> str:
 def _validation_config(config: RunConfig) -> DataConfig:
     if config.val_data is not None:
         return config.val_data
-    if config.data.source == "default":
+    if config.data.source in ("default", "digits"):  # the embedded sets have a validation split
         return replace(config.data, split="validation")
     return config.data
 
@@ -238,6 +245,13 @@ def train(config: RunConfig) -> dict:
     tc = config.train
     out = Path(config.output_dir)
     factor = downsample_factor(config.model.block_out_channels, config.model.init_from)
+    if config.model.type == "mlp":  # the whole image is one latent position
+        for key, value in {"data.resolution": config.data.resolution,
+                           "val_data.resolution": _validation_config(config).resolution}.items():
+            if value != config.model.sample_size:
+                raise ConfigError(f"{key}={value}: an mlp model takes images of model.sample_size="
+                                  f"{config.model.sample_size}; set both to the same size")
+        factor = config.model.sample_size
     check_resolution(model_type=config.model.type, downsample_factor=factor,
                      resolutions={"data.resolution": config.data.resolution,
                                   "val_data.resolution": _validation_config(config).resolution})
@@ -274,9 +288,11 @@ def train(config: RunConfig) -> dict:
 
     # Build: models, loss, optimizers, data.
     fmt = memory_format(tc.channels_last)
-    model = build_model(config.model).to(memory_format=fmt)
+    contractive_samples = config.loss.contractive_samples if config.loss.contractive_weight > 0 else 0
+    model = build_model(config.model, decoder_logits=config.loss.reconstruction == "bce",
+                        contractive_samples=contractive_samples).to(memory_format=fmt)
     disc = build_discriminator(config.loss).to(memory_format=fmt)
-    loss_fn = build_loss(config.loss).to(accelerator.device, memory_format=fmt)
+    loss_fn = build_loss(config.loss, max_steps=tc.max_steps).to(accelerator.device, memory_format=fmt)
     betas = tuple(tc.adam_betas)
     opt_g = adamw(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)
     opt_d = adamw(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)

@@ -18,7 +18,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, split_default: str | 
     `--streaming`, `--max-samples` and `--cache-dir` in a "data" group, which is returned for command-specific flags.
     `verb` completes the help of `--max-samples` ("encode only the first N samples")."""
     data = parser.add_argument_group("data (as `data.*` in training configs)")
-    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset"], default="default")
+    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset", "digits"], default="default")
     data.add_argument("--data-path", help="image folder (folder) or .tar shards glob / list (webdataset)")
     data.add_argument("--data-name", help="HF dataset name or local dataset directory (hf)")
     data.add_argument("--data-subset", help="HF dataset configuration name (hf)")

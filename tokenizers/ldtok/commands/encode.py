@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ldtok.data import collate
     from ldtok.meters import peak_memory_mib
-    from ldtok.models import load_tokenizer, tokenizer_sha256
+    from ldtok.models import load_tokenizer, tokenizer_in_channels, tokenizer_sha256
     from ldtok.shards import KIND_FIELDS, ShardWriter, write_manifest
     from ldtok.shards.background import BackgroundWriter
 
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = data_config_from_args(
         args, split=args.split, resolution=args.resolution, label_column=args.label_column,
-        caption_column=args.caption_column, on_bad_image=args.on_bad_image,
+        caption_column=args.caption_column, on_bad_image=args.on_bad_image, channels=tokenizer_in_channels(model),
     )
     dataset = build_dataset_or_error(config)
     if args.crop == "resize":  # same decoding, ids and columns; only the pixel pipeline differs

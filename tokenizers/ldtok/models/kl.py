@@ -11,6 +11,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from ..outputs import AutoencoderOutput
+from ..regularizers import jacobian_frobenius_sq
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 from .shapes import check_image_size
@@ -42,21 +43,25 @@ class KLAutoencoder(nn.Module):
     Args:
         vae (`AutoencoderKL`): the model being trained.
         deterministic (`bool`, defaults to `False`): use the posterior's mean, return no posterior (no KL term).
+        contractive_samples (`int`, defaults to 0): in training mode with autograd on, also return the Hutchinson
+            estimate of the posterior mean's Jacobian norm (`AutoencoderOutput.contractive`) from this many
+            projections; 0 computes none.
     """
 
     kind = "kl"
 
-    def __init__(self, *, vae: AutoencoderKL, deterministic: bool = False):
+    def __init__(self, *, vae: AutoencoderKL, deterministic: bool = False, contractive_samples: int = 0):
         super().__init__()
         self.vae = vae
         self.deterministic = deterministic
+        self.contractive_samples = contractive_samples
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> KLAutoencoder:
+    def from_config(cls, config: ModelConfig, *, contractive_samples: int = 0) -> KLAutoencoder:
         vae = build_autoencoder_kl(config)
         if config.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
-        return cls(vae=vae, deterministic=config.deterministic)
+        return cls(vae=vae, deterministic=config.deterministic, contractive_samples=contractive_samples)
 
     @property
     def downsample_factor(self) -> int:
@@ -65,10 +70,19 @@ class KLAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> AutoencoderOutput:
         check_image_size(*x.shape[-2:], self.downsample_factor)
+        contract = self.contractive_samples > 0 and self.training and torch.is_grad_enabled()
+        if contract:
+            x = x.detach().requires_grad_(True)  # the Jacobian is taken with respect to the input
         posterior = self.vae.encode(x).latent_dist
+        contractive = jacobian_frobenius_sq(posterior.mean, x, samples=self.contractive_samples) if contract else None
         z = posterior.sample() if self.training and not self.deterministic else posterior.mode()  # (B, C, h, w)
-        x_rec = self.vae.decode(z).sample  # (B, 3, H, W)
-        return AutoencoderOutput(sample=x_rec, posterior=None if self.deterministic else posterior)
+        x_rec, logits = self._decode_for_training(z)  # (B, C_img, H, W)
+        return AutoencoderOutput(sample=x_rec, posterior=None if self.deterministic else posterior,
+                                 latents=posterior.mean, logits=logits, contractive=contractive)
+
+    def _decode_for_training(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`(image, logits or None)`; families whose decoder outputs logits override it."""
+        return self.vae.decode(z).sample, None
 
     @property
     def last_layer(self) -> Tensor:

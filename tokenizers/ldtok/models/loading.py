@@ -5,7 +5,8 @@
 - `AutoencoderKL` (ours or anyone's, e.g. Stable Diffusion's VAE) -> `KLAutoencoder`;
 - `VQModel` (ours or anyone's) -> `VQGAN` with the directory's codebook (`ldtok.json`, written by our export, says
   whether codes are l2-normalized; other VQModels use plain nearest-code quantization, as diffusers does);
-- `VQVAE2` -> `VQVAE2Autoencoder`.
+- `VQVAE2` -> `VQVAE2Autoencoder`;
+- `MLPAutoencoder` -> `MLPVAEAutoencoder` (a KL model, `kind` "kl"); `VAE2` -> `VAE2Autoencoder` (`kind` "vae2").
 
 The result is in eval mode with gradients off, and has `kind` ("kl", "vq" or "vqvae2"), `forward(x) ->
 AutoencoderOutput`, `config_sha256()`, `downsample_factor` (what image sides must be multiples of), and per family
@@ -96,6 +97,15 @@ def tokenizer_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tokenizer_in_channels(model: nn.Module) -> int:
+    """The image channels a tokenizer takes: its diffusers config's `in_channels` (3 when no config says)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and "in_channels" in config:
+            return int(config["in_channels"])
+    return 3
+
+
 def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
     """Load the tokenizer saved at `path` (see the module docstring), in eval mode on `device`."""
     path = Path(path)
@@ -130,7 +140,15 @@ def _load(path: Path, config: dict, config_file: Path) -> nn.Module:
         from .vqvae2 import VQVAE2, VQVAE2Autoencoder
 
         model = VQVAE2Autoencoder(vqvae2=VQVAE2.from_pretrained(path))
+    elif class_name == "MLPAutoencoder":
+        from .mlp import MLPAutoencoder, MLPVAEAutoencoder
+
+        model = MLPVAEAutoencoder(vae=MLPAutoencoder.from_pretrained(path))
+    elif class_name == "VAE2":
+        from .vae2 import VAE2, VAE2Autoencoder
+
+        model = VAE2Autoencoder(vae2=VAE2.from_pretrained(path))
     else:
         raise NotATokenizerError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
-                         "(AutoencoderKL, VQModel or VQVAE2)")
+                                 "(AutoencoderKL, VQModel, VQVAE2, MLPAutoencoder or VAE2)")
     return model
