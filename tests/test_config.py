@@ -12,7 +12,8 @@ DEMO = ROOT / "configs" / "demo-kl.yaml"
 
 
 def test_yaml_and_dotted_overrides():
-    config = load_config(RunConfig, DEMO, ["train.max_steps=4", "output_dir=runs/x", "model.block_out_channels=[32, 64]",
+    config = load_config(RunConfig, DEMO, ["train.max_steps=4", "output_dir=runs/x",
+                                          "model.block_out_channels=[32, 64]",
                                            "loss.kl_weight=1e-5", "resume=latest"])
     assert config.train.max_steps == 4
     assert config.output_dir == "runs/x"
@@ -53,7 +54,10 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == config
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("prior-")))
+TRAINING_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("prior-"))
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
 def test_every_preset_config_is_valid(name):
     load_config(RunConfig, ROOT / "configs" / name)
 

@@ -74,7 +74,8 @@ def kl_model(tmp_path_factory) -> Path:
 def encode_args(model: Path, out: Path, data: Path, *extra: str) -> list[str]:
     return ["encode", "--model", str(model), "--out", str(out), "--data-source", "folder", "--data-path", str(data),
             "--label-column", "label", "--caption-column", "text", "--resolution", "32", "--batch-size", "2",
-            "--samples-per-shard", "4", "--num-workers", "0", "--no-progress", "--autocast", "no", "--no-channels-last", *extra]  # the reference computation
+            "--samples-per-shard", "4", "--num-workers", "0", "--no-progress",
+            "--autocast", "no", "--no-channels-last", *extra]  # the reference computation: fp32, contiguous
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,8 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_and_is_clamped():
     disc.weight.data.copy_(a.view(1, 3, 1, 1))
     dec = ScaledDecoder(u)
     w = dec.w.item()
-    # L2 nll = mean((w u - x)^2): d/dw = 2 mean((w u - x) u). Hinge g = -mean(sum_c a_c w u_c): d/dw = -mean(sum_c a_c u_c).
+    # L2 nll = mean((w u - x)^2): d/dw = 2 mean((w u - x) u).
+    # Hinge g = -mean(sum_c a_c w u_c): d/dw = -mean(sum_c a_c u_c).
     nll_grad = 2 * ((w * u - x) * u).mean()
     gan_grad = -(a.view(1, 3, 1, 1) * u).sum(dim=1).mean()
     ratio = (nll_grad.abs() / (gan_grad.abs() + 1e-4)).item()

@@ -145,7 +145,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = VQGAN.from_config(config, quantizer_config(kmeans_init=False)).train()
         out = model(images(1))
         (out.sample.square().mean() + out.quant.loss).backward()
-        assert model.vqmodel.encoder.gradient_checkpointing == model.vqmodel.decoder.gradient_checkpointing == checkpointing
+        vq = model.vqmodel
+        assert vq.encoder.gradient_checkpointing == vq.decoder.gradient_checkpointing == checkpointing
         grads.append(model.vqmodel.encoder.conv_in.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
     # VQ-VAE-2: the same switch reaches its four diffusers encoders / decoders

@@ -205,7 +205,7 @@ def test_dead_code_restart_replaces_only_dead_codes(ema):
 
 def test_collapsed_codes_restart_after_dead_code_steps_and_window_usage():
     q = _quantizer(ema=False, dead_code_steps=3, usage_window=2).train()
-    for step in range(3):
+    for _ in range(3):
         out = q(_z_near_codes(q, [0, 1, 2, 3]))
         assert int(q.last_restarts) == 0
         assert sorted(out.indices.unique().tolist()) == [0, 1, 2, 3]

@@ -1,8 +1,9 @@
 """Typed configs: YAML files merged with dotted ``key=value`` overrides into dataclasses, validated.
 
-A config is a tree of plain ``@dataclass`` classes. ``load_config(RunConfig, "configs/demo-kl.yaml", ["train.max_steps=4"])``
-reads the YAML, applies the overrides (values are parsed as YAML scalars, so ``4`` is an int and ``[32, 64]`` a list),
-and builds the dataclasses. Every key must exist and every value must have the declared type; a mistake is a
+A config is a tree of plain ``@dataclass`` classes.
+``load_config(RunConfig, "configs/demo-kl.yaml", ["train.max_steps=4"])`` reads the YAML, applies the overrides
+(values are parsed as YAML scalars, so ``4`` is an int and ``[32, 64]`` a list), and builds the dataclasses.
+Every key must exist and every value must have the declared type; a mistake is a
 :class:`ConfigError` that names the dotted key. Nothing is silently defaulted or ignored.
 
 A dataclass may declare presets with a class attribute ``presets: ClassVar[dict[str, dict]]``; a ``preset: NAME`` key in

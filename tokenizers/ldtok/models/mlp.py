@@ -20,9 +20,9 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from torch import Tensor, nn
 
 from ..regularizers import logits_to_image
-from .shapes import ImageSizeError
 from .config import ModelConfig
 from .kl import KLAutoencoder
+from .shapes import ImageSizeError
 
 
 def _mlp(widths: list[int]) -> nn.Sequential:
