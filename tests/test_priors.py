@@ -358,3 +358,17 @@ def test_prior_transformer_resumes_a_two_process_run_with_ema(shards, tmp_path):
     result = launch_processes(*common, "train.max_steps=3", "resume=latest", **kwargs)
     assert "resumed from" in result.stderr and "step 2" in result.stderr  # ema.safetensors loaded under `cpu:0`
     assert [e["step"] for e in logged(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_prior_run_changes_nothing(vq_run, tmp_path):
+    import shutil
+
+    finished = tmp_path / "finished"
+    shutil.copytree(vq_run, finished)
+    before = {p: p.read_bytes() for p in (finished / "summary.json", finished / "metrics.jsonl")}
+    result = launch("prior_transformer.py", "prior-transformer-demo.yaml", f"output_dir={finished}",
+                    f"shards={json.loads((vq_run / 'final' / 'prior.json').read_text())['shards']}", *TINY_GPT,
+                    "train.max_steps=30", "train.log_every=5", "train.checkpoint_every=15", "resume=latest")
+    assert "already finished at step 30" in result.stdout and "nothing to do" in result.stdout
+    assert {p: p.read_bytes() for p in before} == before  # summary.json and the log untouched

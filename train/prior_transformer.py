@@ -126,6 +126,13 @@ def main() -> None:
         if ema is not None:  # loaded on the CPU, copied to the device by load_state_dict (`cpu:0` is no device for it)
             ema.load_state_dict(load_tensors(resume_from / "ema.safetensors"))
         logger.info("resumed from %s at step %d", resume_from, state["step"])
+    if resume_from is not None and state["step"] >= tc.max_steps and (out / "summary.json").is_file():
+        # a finished run rerun (summary.json is written last, after the export): nothing to do, nothing rewritten
+        if accelerator.is_main_process:
+            print(f"{out}: the run already finished at step {state['step']} (train.max_steps={tc.max_steps}); "
+                  f"nothing to do; final model: {out / 'final'}")
+        accelerator.end_training()
+        return
     guard = NonFiniteGuard(accelerator=accelerator, max_consecutive=tc.max_nonfinite_steps,
                            last_good=lambda: (list_checkpoints(out) or [None])[-1])
     guard.total = state["nonfinite_steps"]
