@@ -47,7 +47,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -59,6 +60,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAIVE_CLASSES = ("AutoencoderKL", "VQModel")
 DEFAULT_SAMPLES_PER_SHARD = 1024  # `ldtok encode`'s
 # the summary line `ldtok encode` prints (ldtok.commands.encode.run)
+SETTING_FLAGS = {"equal": ["--autocast", "no", "--no-channels-last"], "defaults": []}
 ENCODED_RE = re.compile(r"^encoded (\d+) samples \((\d+) skipped\) .* in [0-9.]+s: ([0-9.]+) img/s", re.MULTILINE)
 
 
@@ -79,6 +81,10 @@ class EncodeBenchConfig:
         threads (`int`, *optional*, defaults to 1): `OMP_NUM_THREADS` of both sides' processes (module docstring);
             torch's default (one per core) when `None`.
         source_dir (`str`, *optional*): folder of images to draw from; the default dataset's training crops if `None`.
+        settings (`list[str]`, defaults to `["equal", "defaults"]`): `ldtok encode`'s options, one row each:
+            `equal` (`--autocast no --no-channels-last`: fp32 and NCHW like the naive loop, so the ratio is batching,
+            decoding in workers and the background writer alone) and `defaults` (the command's own defaults:
+            autocast auto, channels-last).
     """
 
     models: list[str]
@@ -91,8 +97,11 @@ class EncodeBenchConfig:
     samples_per_shard: int | None = None
     threads: int | None = 1
     source_dir: str | None = None
+    settings: list[str] = field(default_factory=lambda: ["equal", "defaults"])
 
     def __post_init__(self):
+        for setting in self.settings:
+            assert setting in SETTING_FLAGS, f"unknown setting {setting!r}: choose from {tuple(SETTING_FLAGS)}"
         assert self.models, "give at least one model directory"
         for model in self.models:
             class_name = model_class(model)
@@ -223,14 +232,16 @@ def _size_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 2**20
 
 
-def ldtok_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path) -> CaseResult:
-    """`ldtok encode` on the folder `images` (`count` files) in a fresh process; shards deleted afterwards."""
+def ldtok_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path,
+               setting: str = "defaults") -> CaseResult:
+    """`ldtok encode` under `setting` on the folder `images` (`count` files) in a fresh process; shards deleted
+    afterwards."""
     out = work / "ldtok-shards"
     command = [sys.executable, "-m", "ldtok.cli", "encode", "--model", model, "--out", str(out),
                "--data-source", "folder", "--data-path", str(images), "--resolution", str(config.resolution),
                "--batch-size", str(config.batch_size), "--samples-per-shard", str(config.samples_per_shard),
                "--dtype", config.dtype, "--num-workers", str(config.num_workers),
-               "--cache-dir", str(work / "hf-cache"), "--no-progress"]  # fmt: skip
+               "--cache-dir", str(work / "hf-cache"), "--no-progress", *SETTING_FLAGS[setting]]  # fmt: skip
     run = run_process(command, env=child_env(config, work), log_path=work / "ldtok-encode.log")
     match = ENCODED_RE.search(run.output)
     assert match, f"no 'encoded N samples ... img/s' line in ldtok encode's output:\n{run.output[-2000:]}"
@@ -247,7 +258,8 @@ def ldtok_case(config: EncodeBenchConfig, *, model: str, images: Path, count: in
 def naive_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path) -> CaseResult:
     """The naive loop (`naive_encode`) on the folder `images` in a fresh process; its output deleted afterwards."""
     out, result_path = work / "naive-latents.pt", work / "naive-result.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--images", str(images),
+    script = Path(__file__).resolve().parent / "_bench_encode_naive.py"
+    command = [sys.executable, str(script), "--model", model, "--images", str(images),
                "--resolution", str(config.resolution), "--out", str(out), "--result", str(result_path)]
     run = run_process(command, env=child_env(config, work), log_path=work / "naive.log")
     measured = json.loads(result_path.read_text())
@@ -261,60 +273,6 @@ def naive_case(config: EncodeBenchConfig, *, model: str, images: Path, count: in
     out.unlink()
     result_path.unlink()
     return result
-
-
-# ------------------------------------------------------------------------------------------------ the naive loop
-
-
-def naive_encode(*, model: str, images: str, resolution: int, out: str) -> dict:
-    """The loop users write without ldtok (module docstring), in this process.
-
-    Returns:
-        `dict` with `images` (encoded), `seconds` (the loop and the save), `device` and `threads` (torch's intra-op).
-    """
-    import diffusers
-    import torch
-    from PIL import Image
-    from torchvision import transforms
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = getattr(diffusers, model_class(model)).from_pretrained(model).to(device).eval()
-    transform = transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])  # fmt: skip
-    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    t0 = time.perf_counter()
-    latents = []
-    with torch.no_grad():
-        for path in files:
-            x = transform(Image.open(path).convert("RGB")).to(device)  # (3, R, R) in [-1, 1]
-            if isinstance(vae, diffusers.AutoencoderKL):
-                z = vae.encode(x[None]).latent_dist.sample() * vae.config.scaling_factor  # (1, C, h, w)
-            else:
-                h = vae.encode(x[None]).latents  # (1, C, h, w), before quantization
-                _, _, (_, _, indices) = vae.quantize(h)
-                z = indices.reshape(1, *h.shape[-2:])  # (h * w,) -> (1, h, w)
-            latents.append(z.cpu())
-    torch.save(torch.cat(latents), out)  # (N, C, h, w) or (N, h, w)
-    return {"images": len(latents), "seconds": time.perf_counter() - t0, "device": str(device),
-            "threads": torch.get_num_threads()}
-
-
-def _naive_main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="the naive encoding loop of eval/_bench_encode.py (one case)")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--images", required=True, help="image folder")
-    parser.add_argument("--resolution", type=int, required=True)
-    parser.add_argument("--out", required=True, help="where torch.save writes the latents")
-    parser.add_argument("--result", required=True, help="JSON file for the measured images and seconds")
-    args = parser.parse_args(argv)
-    result = naive_encode(model=args.model, images=args.images, resolution=args.resolution, out=args.out)
-    write_text_atomic(args.result, json.dumps(result) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
@@ -332,6 +290,7 @@ class Row:
     small: CaseResult
     large: CaseResult
     ratio: float
+    setting: str = "defaults"
 
     @property
     def growth_mib(self) -> float:
@@ -363,17 +322,20 @@ def run_benchmark(config: EncodeBenchConfig, *, work_dir: str | Path | None = No
                  "large": (work / f"images-{K}x", link_images(files[:N], work / f"images-{K}x", repeats=K))}
         for model in config.models:
             model = str(Path(model).expanduser().resolve())
-            results: dict[str, dict[str, CaseResult]] = {"ldtok": {}, "naive": {}}
+            sides = {f"ldtok ({setting})": partial(ldtok_case, setting=setting) for setting in config.settings}
+            sides["naive"] = naive_case
+            results: dict[str, dict[str, CaseResult]] = {side: {} for side in sides}
             for size, (images, count) in sizes.items():
-                for side, case in (("ldtok", ldtok_case), ("naive", naive_case)):
+                for side, case in sides.items():
                     log(f"{model_label(model)}: {side}, {count} images ...")
                     results[side][size] = result = case(config, model=model, images=images, count=count, work=work)
                     log(f"  {result.images_per_s:.1f} img/s, peak {result.peak_memory_mib:.0f} MiB")
             naive_rate = results["naive"]["large"].images_per_s
-            for side, label in (("ldtok", "ldtok encode"), ("naive", "naive loop")):
-                r = results[side]
-                rows.append(Row(name=f"{label} {model_label(model)}", side=side, model=model, small=r["small"],
-                                large=r["large"], ratio=r["large"].images_per_s / naive_rate))
+            for side, r in results.items():
+                label = "naive loop" if side == "naive" else f"ldtok encode, {side[7:-1]}"
+                rows.append(Row(name=f"{label} {model_label(model)}", side=side.split()[0], model=model,
+                                small=r["small"], large=r["large"], ratio=r["large"].images_per_s / naive_rate,
+                                setting=side[7:-1] if side != "naive" else "baseline"))
     return rows
 
 
@@ -422,8 +384,8 @@ def write_report(path: str | Path, config: EncodeBenchConfig, rows: list[Row]) -
         "config": asdict(config),
         "environment": environment(),
         "notes": NOTES,
-        "rows": [{"name": r.name, "side": r.side, "model": r.model, "ratio": r.ratio, "small": asdict(r.small),
-                  "large": asdict(r.large), "growth_mib": r.growth_mib,
+        "rows": [{"name": r.name, "side": r.side, "setting": r.setting, "model": r.model, "ratio": r.ratio,
+                  "small": asdict(r.small), "large": asdict(r.large), "growth_mib": r.growth_mib,
                   "growth_bytes_per_image": r.growth_bytes_per_image} for r in rows],
     }
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
@@ -431,8 +393,5 @@ def write_report(path: str | Path, config: EncodeBenchConfig, rows: list[Row]) -
 
 __all__ = [
     "CaseResult", "EncodeBenchConfig", "Row", "format_table", "ldtok_case", "link_images", "naive_case",
-    "naive_encode", "run_benchmark", "run_process", "source_images", "write_report",
+    "run_benchmark", "run_process", "source_images", "write_report",
 ]
-
-if __name__ == "__main__":
-    _naive_main()

@@ -36,12 +36,16 @@ def parse(argv: list[str] | None = None) -> tuple[EncodeBenchConfig, str, str | 
                              "busy machine those threads fight other processes: see eval/_bench_encode.py)")
     parser.add_argument("--source-dir", help="folder of images (default: the default dataset's training crops)")
     parser.add_argument("--work-dir", help="where the temporary image folders and outputs go (default: $TMPDIR)")
+    parser.add_argument("--settings", nargs="+", default=["equal", "defaults"], choices=["equal", "defaults"],
+                        help="ldtok encode's options, one row each: equal (fp32, NCHW, as the naive loop) or "
+                             "defaults (the command's own: autocast auto, channels-last)")
     parser.add_argument("--out", default="runs/bench/encode.json", help="JSON report path")
     args = parser.parse_args(argv)
     config = EncodeBenchConfig(
         models=args.model, resolution=args.resolution, num_images=args.num_images, scale=args.scale,
         batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers,
         samples_per_shard=args.samples_per_shard, threads=args.threads or None, source_dir=args.source_dir,
+        settings=args.settings,
     )
     return config, args.out, args.work_dir
 

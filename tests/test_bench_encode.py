@@ -70,15 +70,18 @@ def test_smoke_run_prints_the_table_and_writes_json(images, kl_model, tmp_path, 
     assert header.split() == ["name", "img/s", "ratio", "e2e", "img/s", "peak", "MiB", "1x", "peak", "MiB", "2x",
                               "growth", "MiB"]
     label = "/".join(kl_model.resolve().parts[-2:])
-    assert f"ldtok encode {label}" in printed and f"naive loop {label}" in printed
+    assert f"ldtok encode, equal {label}" in printed and f"ldtok encode, defaults {label}" in printed
+    assert f"naive loop {label}" in printed
 
     report = json.loads(out.read_text())
     assert [p.name for p in out.parent.iterdir()] == ["encode.json"], "the atomic write left a temporary file"
     assert report["config"]["num_images"] == NUM_IMAGES and report["config"]["scale"] == 2
     assert report["config"]["samples_per_shard"] == NUM_IMAGES, "shards default to the 1x size (at most 1024)"
-    rows = {row["side"]: row for row in report["rows"]}
-    assert set(rows) == {"ldtok", "naive"}
-    for side, row in rows.items():
+    rows = {row["setting"]: row for row in report["rows"]}
+    assert set(rows) == {"equal", "defaults", "baseline"}
+    assert {row["side"] for row in report["rows"]} == {"ldtok", "naive"}
+    rows["naive"], rows["ldtok"] = rows.pop("baseline"), rows["defaults"]
+    for side, row in rows.items():  # equal, defaults (also as "ldtok"), naive
         assert row["small"]["images"] == NUM_IMAGES and row["large"]["images"] == 2 * NUM_IMAGES, side
         for size in ("small", "large"):
             r = row[size]

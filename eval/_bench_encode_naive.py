@@ -1,0 +1,72 @@
+"""The naive side of `eval/bench_encode.py`: the per-image encoding loop users write without ldtok, run as a script
+(one case per process, so its peak memory is its own): diffusers `from_pretrained`, PIL + torchvision transforms,
+`vae.encode(x[None])` in fp32, every latent kept in a list and `torch.save`d at the end.
+
+    python eval/_bench_encode_naive.py --model DIR --images FOLDER --resolution 64 --out latents.pt --result r.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ldtok.atomic import write_text_atomic
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def naive_encode(*, model: str, images: str, resolution: int, out: str) -> dict:
+    """The loop users write without ldtok (module docstring), in this process.
+
+    Returns:
+        `dict` with `images` (encoded), `seconds` (the loop and the save), `device` and `threads` (torch's intra-op).
+    """
+    import diffusers
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    class_name = json.loads((Path(model) / "config.json").read_text())["_class_name"]
+    vae = getattr(diffusers, class_name).from_pretrained(model).to(device).eval()
+    transform = transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])  # fmt: skip
+    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    t0 = time.perf_counter()
+    latents = []
+    with torch.no_grad():
+        for path in files:
+            x = transform(Image.open(path).convert("RGB")).to(device)  # (3, R, R) in [-1, 1]
+            if isinstance(vae, diffusers.AutoencoderKL):
+                z = vae.encode(x[None]).latent_dist.sample() * vae.config.scaling_factor  # (1, C, h, w)
+            else:
+                h = vae.encode(x[None]).latents  # (1, C, h, w), before quantization
+                _, _, (_, _, indices) = vae.quantize(h)
+                z = indices.reshape(1, *h.shape[-2:])  # (h * w,) -> (1, h, w)
+            latents.append(z.cpu())
+    torch.save(torch.cat(latents), out)  # (N, C, h, w) or (N, h, w)
+    return {"images": len(latents), "seconds": time.perf_counter() - t0, "device": str(device),
+            "threads": torch.get_num_threads()}
+
+
+def _naive_main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the naive encoding loop of eval/bench_encode.py (one case)")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", required=True, help="image folder")
+    parser.add_argument("--resolution", type=int, required=True)
+    parser.add_argument("--out", required=True, help="where torch.save writes the latents")
+    parser.add_argument("--result", required=True, help="JSON file for the measured images and seconds")
+    args = parser.parse_args(argv)
+    result = naive_encode(model=args.model, images=args.images, resolution=args.resolution, out=args.out)
+    write_text_atomic(args.result, json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    _naive_main()
