@@ -5,6 +5,7 @@
 - `AutoencoderKL` (ours or anyone's, e.g. Stable Diffusion's VAE) -> `KLAutoencoder`;
 - `VQModel` (ours or anyone's) -> `VQGAN` with the directory's codebook (`ldtok.json`, written by our export, says
   whether codes are l2-normalized; other VQModels use plain nearest-code quantization, as diffusers does);
+- `QuantizedAutoencoder` (ldtok's export of FSQ / LFQ / BSQ / residual-VQ VQGANs) -> `VQGAN` with that quantizer;
 - `VQVAE2` -> `VQVAE2Autoencoder`.
 
 The result is in eval mode with gradients off, and has `kind` ("kl", "vq" or "vqvae2"), `forward(x) ->
@@ -48,11 +49,15 @@ def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu
             kmeans_init=False,
         )
         model = VQGAN.from_config(ModelConfig(type="vqgan", init_from=str(path), quantizer=quantizer))
+    elif class_name == "QuantizedAutoencoder":
+        from .quantized import QuantizedAutoencoder
+
+        model = QuantizedAutoencoder.from_pretrained(path).to_vqgan()
     elif class_name == "VQVAE2":
         from .vqvae2 import VQVAE2, VQVAE2Autoencoder
 
         model = VQVAE2Autoencoder(vqvae2=VQVAE2.from_pretrained(path))
     else:
         raise ValueError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
-                         "(AutoencoderKL, VQModel or VQVAE2)")
+                         "(AutoencoderKL, VQModel, QuantizedAutoencoder or VQVAE2)")
     return model.eval().requires_grad_(False).to(device)
