@@ -36,8 +36,8 @@ class QuantizerConfig:
         kmeans_iters (`int`, defaults to 10): Lloyd iterations of the k-means init.
         dead_code_steps (`int`, defaults to 50): `vq` / `residual`: restart codes unused for this many steps; 0: never.
         usage_window (`int`, defaults to 100): training steps over which the windowed usage is measured.
-        gradient (`"straight_through"` or `"rotation"`, defaults to `"straight_through"`): `vq` / `residual`: the
-            gradient reaching the encoder (the rotation trick of Fifty et al. 2024, or the identity).
+        gradient (`"straight_through"` or `"rotation"`, defaults to `"straight_through"`): `vq`: the gradient
+            reaching the encoder (the rotation trick of Fifty et al. 2024, or the identity).
         codebook_transform (`"none"` or `"linear"`, defaults to `"none"`): `vq` / `residual`: `linear` is SimVQ
             (codes = a learned linear map of a frozen random basis; needs `ema: false`).
         levels (`list[int]`, defaults to `[]`): `fsq`: values per channel, each >= 3 (e.g. `[8, 8, 8, 5, 5, 5]`).
@@ -112,6 +112,9 @@ class QuantizerConfig:
         if self.codebook_transform == "linear" and self.ema:
             raise ConfigError(f"{key}codebook_transform: linear (SimVQ) learns its map by gradient; "
                               "set model.quantizer.ema=false")
+        if self.type == "residual" and self.gradient != "straight_through":
+            raise ConfigError(f"{key}gradient: residual VQ passes the gradient of the stages' sum straight through; "
+                              "the rotation trick is for type vq")
         if self.type not in ("vq", "residual"):
             for name, default in (("gradient", "straight_through"), ("codebook_transform", "none")):
                 if getattr(self, name) != default:

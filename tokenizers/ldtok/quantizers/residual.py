@@ -2,8 +2,9 @@
 what the previous stages left, `z_q = q_0 + q_1 + ... + q_{S-1}`.
 
 Every stage is a full `VectorQuantizer` (EMA or gradient codebook, k-means init on its own residuals, dead-code
-restarts, rotation trick, SimVQ), all ranks agreeing. Quantize dropout (a step uses only the first `n` stages) is drawn
-from a generator seeded by the step, so every rank drops the same stages.
+restarts, SimVQ), all ranks agreeing; the gradient of the sum passes straight through to the input. Quantize dropout
+(a step uses only the first `n` stages) is drawn from a generator seeded by the step, so every rank drops the same
+stages.
 """
 
 from __future__ import annotations
@@ -72,10 +73,14 @@ class ResidualVectorQuantizer(nn.Module):
         total = None
         outputs = []
         for s in range(active):
-            out = self.stage(s)(residual)  # quantized: (B, D, H, W) fp32, straight-through to `residual`
+            out = self.stage(s)(residual)  # quantized: (B, D, H, W) fp32
             outputs.append(out)
-            total = out.quantized if total is None else total + out.quantized
+            total = out.quantized.detach() if total is None else total + out.quantized.detach()
             residual = residual - out.quantized.detach()
+        # straight-through on the sum (RQ-VAE): value exactly the codes' sum, gradient identity to z (the stages'
+        # own straight-through would pass it S times); the stages' commitment terms reach z through `residual`
+        flat = z.float()
+        total = total + (flat - flat.detach())
         indices = torch.full((B, self.num_stages, H, W), -1, dtype=torch.int64, device=z.device)
         indices[:, :active] = torch.stack([o.indices for o in outputs], dim=1)
         stack = lambda name: torch.stack([getattr(o, name) for o in outputs])  # noqa: E731
