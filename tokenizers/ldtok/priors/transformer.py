@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .layout import KIND_LEVELS, CodeLayout, CodeLevel  # noqa: F401  (re-exported: the layout moved to layout.py)
 
+
 # ------------------------------------------------------------------------------------------------ the model
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental decoding."""
