@@ -49,7 +49,8 @@ logger = logging.getLogger("ldtok.prior_transformer")
 
 
 def decode_codes(tokenizer, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Images `(B, 3, H, W)` in [-1, 1] of code maps `{field: (B, h, w)}` (a `load_tokenizer` model)."""
+    """Images `(B, 3, H, W)` in [-1, 1] of code maps `{field: (B, h, w) or (B, S, h, w)}` (a `load_tokenizer`
+    model)."""
     if tokenizer.kind == "vq":
         return tokenizer.decode_indices(codes["indices"])
     return tokenizer.decode_indices(codes["indices_top"], codes["indices_bottom"])
@@ -94,7 +95,10 @@ def main() -> None:
             sys.exit(f"config error: tokenizer: {tokenizer_dir} is a {tokenizer.kind!r} model with codebooks of "
                      f"{codebook_sizes} codes, the shards hold {manifest['kind']!r} codes of codebook_size "
                      f"{manifest['codebook_size']}: not the model that encoded them")
-    layout = CodeLayout.from_manifest(manifest, codebook_sizes=codebook_sizes)
+    try:
+        layout = CodeLayout.from_manifest(manifest, codebook_sizes=codebook_sizes, groups=config.code_groups)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     dataset = LatentShardDataset(config.shards, use_flip=config.use_flip)
     check_batch_fills(num_images=len(dataset), batch_size=tc.batch_size, num_processes=accelerator.num_processes,
                       what="samples")

@@ -30,7 +30,12 @@ def main() -> None:
         return
     val = summary["validation"]
     usage = ", ".join(f"{k} {100 * v:.1f}%" for k, v in val.items() if k.startswith("codebook_usage"))
-    kind = "diffusers VQModel" if config.model.type == "vqgan" else "ldtok VQVAE2"
+    if config.model.type == "vqvae2":
+        kind = "ldtok VQVAE2"
+    elif config.model.quantizer.type == "vq":
+        kind = "diffusers VQModel"
+    else:
+        kind = f"ldtok QuantizedAutoencoder, {config.model.quantizer.type}"
     print(f"final model: {summary['final']}  ({kind})")
     print(f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}, {usage}; "
           f"reconstructions: {val.get('grid')}")

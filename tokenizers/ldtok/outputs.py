@@ -25,6 +25,10 @@ class QuantizerOutput:
             (zero when the codebook is updated by EMA).
         perplexity (`Tensor`, scalar): `exp(entropy)` of the batch's code histogram (all ranks), for logging.
         usage (`Tensor`, scalar): fraction of codes used in the batch (all ranks), for logging.
+        entropy_loss (`Tensor`, scalar, *optional*): LFQ / BSQ: the unweighted entropy term
+            `per_sample_entropy - diversity_gamma * codebook_entropy` (already included, weighted, in `loss`).
+        stages (`list[QuantizerOutput]`, *optional*): residual VQ: every stage's own output (their `loss` summed
+            into this one's; `indices` here are all stages' stacked as `(B, S, H, W)`).
     """
 
     quantized: Tensor
@@ -34,6 +38,8 @@ class QuantizerOutput:
     codebook_loss: Tensor
     perplexity: Tensor
     usage: Tensor
+    entropy_loss: Tensor | None = None
+    stages: list[QuantizerOutput] | None = None
 
 
 @dataclass

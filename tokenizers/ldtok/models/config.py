@@ -39,6 +39,27 @@ MODEL_PRESETS: dict[str, dict] = {
         type="vqvae2", block_out_channels=[128, 128, 256], layers_per_block=2, latent_channels=64,
         sample_size=256, quantizer=dict(codebook_size=512, codebook_dim=64),
     ),
+    # f16 FSQ VQGAN (Mentzer et al. 2023; Cosmos' discrete tokenizer): levels 8,8,8,5,5,5 = 64000 implicit codes.
+    "fsq-f16": dict(
+        type="vqgan", block_out_channels=[128, 128, 256, 256, 512], layers_per_block=2, latent_channels=256,
+        sample_size=256, quantizer=dict(type="fsq", levels=[8, 8, 8, 5, 5, 5]),
+    ),
+    # f16 LFQ VQGAN with 18 bits (MAGVIT-v2 / Open-MAGVIT2): 2^18 codes, entropy over 2 groups of 9 bits.
+    "lfq-f16-18bit": dict(
+        type="vqgan", block_out_channels=[128, 128, 256, 256, 512], layers_per_block=2, latent_channels=256,
+        sample_size=256, quantizer=dict(type="lfq", codebook_dim=18, entropy_groups=2, entropy_weight=0.1,
+                                        diversity_gamma=1.0, beta=0.25),
+    ),
+    # Tiny f4 FSQ / LFQ VQGANs (the demo-vq architecture, about 8 bits per token) for CPU demos and tests.
+    "demo-fsq": dict(
+        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=64, mid_block_add_attention=False, quantizer=dict(type="fsq", levels=[8, 6, 5], usage_window=50),
+    ),
+    "demo-lfq": dict(
+        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=64, mid_block_add_attention=False,
+        quantizer=dict(type="lfq", codebook_dim=8, entropy_weight=0.1, usage_window=50),
+    ),
     # Tiny f4 VQGAN / VQ-VAE-2 for CPU demos and tests.
     "demo-vq": dict(
         type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
@@ -75,8 +96,9 @@ class ModelConfig:
         gradient_checkpointing (`bool`): recompute activations in the backward pass to save memory.
         deterministic (`bool`, KL only): a plain autoencoder: the decoder sees the posterior's mean, no sampling and
             no KL term.
-        quantizer (`QuantizerConfig`, VQ only): the codebook (size, dimension, EMA, k-means init, dead-code restart);
-            for VQ-VAE-2 each level gets a codebook of this kind.
+        quantizer (`QuantizerConfig`, VQ only): the quantizer (`type: vq | fsq | lfq | bsq | residual`, codebook
+            size and dimension, EMA, k-means init, dead-code restart, ...); for VQ-VAE-2 (`type: vq` only) each level
+            gets a codebook of this kind.
     """
 
     presets: ClassVar[dict[str, dict]] = MODEL_PRESETS

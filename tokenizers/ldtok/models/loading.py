@@ -5,6 +5,7 @@
 - `AutoencoderKL` (ours or anyone's, e.g. Stable Diffusion's VAE) -> `KLAutoencoder`;
 - `VQModel` (ours or anyone's) -> `VQGAN` with the directory's codebook (`ldtok.json`, written by our export, says
   whether codes are l2-normalized; other VQModels use plain nearest-code quantization, as diffusers does);
+- `QuantizedAutoencoder` (ldtok's export of FSQ / LFQ / BSQ / residual-VQ VQGANs) -> `VQGAN` with that quantizer;
 - `VQVAE2` -> `VQVAE2Autoencoder`;
 - `MLPAutoencoder` -> `MLPVAEAutoencoder` (a KL model, `kind` "kl"); `VAE2` -> `VAE2Autoencoder` (`kind` "vae2").
 
@@ -136,6 +137,10 @@ def _load(path: Path, config: dict, config_file: Path) -> nn.Module:
             kmeans_init=False,
         )
         model = VQGAN.from_config(ModelConfig(type="vqgan", init_from=str(path), quantizer=quantizer))
+    elif class_name == "QuantizedAutoencoder":
+        from .quantized import QuantizedAutoencoder
+
+        model = QuantizedAutoencoder.from_pretrained(path).to_vqgan()
     elif class_name == "VQVAE2":
         from .vqvae2 import VQVAE2, VQVAE2Autoencoder
 
@@ -150,5 +155,5 @@ def _load(path: Path, config: dict, config_file: Path) -> nn.Module:
         model = VAE2Autoencoder(vae2=VAE2.from_pretrained(path))
     else:
         raise NotATokenizerError(f"{config_file}: _class_name {class_name!r} is not a tokenizer ldtok can load "
-                                 "(AutoencoderKL, VQModel, VQVAE2, MLPAutoencoder or VAE2)")
+                                 "(AutoencoderKL, VQModel, QuantizedAutoencoder, VQVAE2, MLPAutoencoder or VAE2)")
     return model

@@ -34,6 +34,7 @@ the indices from ldtok.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import ClassVar
@@ -43,8 +44,9 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..outputs import AutoencoderOutput
-from ..quantizers import QuantizerConfig, VectorQuantizer
+from ..quantizers import QuantizerConfig, VectorQuantizer, build_quantizer
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 from .shapes import check_image_size
@@ -53,7 +55,7 @@ from .shapes import check_image_size
 LDTOK_SIDECAR = "ldtok.json"
 
 # QuantizerConfig fields that change the quantizer's state layout or the meaning of its codes: a checkpoint must agree.
-STRUCTURAL_QUANTIZER_FIELDS = ("codebook_size", "codebook_dim", "l2_normalize", "ema")
+STRUCTURAL_QUANTIZER_FIELDS = ("type", "codebook_size", "codebook_dim", "l2_normalize", "ema")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -87,14 +89,10 @@ def quantizers_eval(*quantizers: VectorQuantizer) -> Iterator[None]:
             q.train(mode)
 
 
-def quantizer_metrics(quantizer: VectorQuantizer, suffix: str = "") -> dict[str, float]:
-    """Training-log metrics of one codebook: windowed usage in percent, codes restarted by the latest training step
-    and in total."""
-    return {
-        f"codebook_usage_window_pct{suffix}": 100.0 * float(quantizer.window_usage()),
-        f"codebook_restarts{suffix}": float(quantizer.last_restarts),
-        f"codebook_restarts_total{suffix}": float(quantizer.num_restarts),
-    }
+def quantizer_metrics(quantizer: nn.Module, suffix: str = "") -> dict[str, float]:
+    """Training-log metrics of one quantizer (its `training_metrics`): windowed usage in percent and, for VQ, the
+    codes restarted by the latest training step and in total."""
+    return quantizer.training_metrics(suffix)
 
 
 def check_quantizer_matches(quantizer: QuantizerConfig, checkpoint: dict, *, source: str, key: str) -> None:
@@ -122,10 +120,11 @@ def load_codebook_(quantizer: VectorQuantizer, table: Tensor) -> None:
 
 
 def build_vqmodel(config: ModelConfig, quantizer: QuantizerConfig) -> VQModel:
-    """A fresh diffusers `VQModel` with `config`'s architecture and `quantizer`'s codebook shape."""
+    """A fresh diffusers `VQModel` with `config`'s architecture and `quantizer`'s codebook shape (a one-code
+    placeholder table for the implicit and residual quantizers, whose `quantize` is replaced anyway)."""
     return VQModel(
         **config.diffusers_architecture(),
-        num_vq_embeddings=quantizer.codebook_size,
+        num_vq_embeddings=quantizer.codebook_size if quantizer.type == "vq" else 1,
         vq_embed_dim=quantizer.codebook_dim,
         lookup_from_codebook=True,
     )
@@ -153,17 +152,21 @@ def indices_from_diffusers_vqmodel(vqmodel: VQModel, images: Tensor, *, l2_norma
 
 
 class VQGAN(nn.Module):
-    """Trainable VQGAN (`model.type: vqgan`): a diffusers `VQModel` whose `quantize` is a `VectorQuantizer`.
+    """Trainable VQGAN (`model.type: vqgan`): a diffusers `VQModel` whose `quantize` is one of ldtok's quantizers.
 
     Args:
         vqmodel (`VQModel`): encoder, `quant_conv`, `post_quant_conv` and decoder; its `quantize` is replaced.
-        quantizer (`VectorQuantizer`): the quantizer, with `codebook_dim == vqmodel.config.vq_embed_dim`.
+        quantizer (`nn.Module`): a `VectorQuantizer` (exported as a plain diffusers `VQModel`) or an FSQ / LFQ /
+            BSQ / residual quantizer (exported as `ldtok.models.quantized.QuantizedAutoencoder`), with
+            `codebook_dim == vqmodel.config.vq_embed_dim`.
+        quantizer_config (`QuantizerConfig`, *optional*): the config `quantizer` was built from; required to export
+            a quantizer other than `VectorQuantizer`.
     """
 
     kind = "vq"
     level_names: ClassVar[list[str]] = ["code"]
 
-    def __init__(self, *, vqmodel: VQModel, quantizer: VectorQuantizer):
+    def __init__(self, *, vqmodel: VQModel, quantizer: nn.Module, quantizer_config: QuantizerConfig | None = None):
         super().__init__()
         cfg = vqmodel.config
         embed_dim = cfg.vq_embed_dim if cfg.vq_embed_dim is not None else cfg.latent_channels
@@ -172,6 +175,7 @@ class VQGAN(nn.Module):
         )
         vqmodel.quantize = quantizer  # one registration: the state dict has no duplicate keys
         self.vqmodel = vqmodel
+        self.quantizer_config = quantizer_config
 
     @classmethod
     def from_config(cls, config: ModelConfig, quantizer: QuantizerConfig | None = None) -> VQGAN:
@@ -181,9 +185,12 @@ class VQGAN(nn.Module):
         is copied into the quantizer (marked initialized, so k-means does not overwrite it).
         """
         quantizer = quantizer if quantizer is not None else config.quantizer
+        if quantizer.type != "vq" and config.init_from is not None:
+            raise ConfigError(f"model.init_from: fine-tuning from a diffusers VQModel needs model.quantizer.type=vq, "
+                              f"got {quantizer.type!r}")
         if config.init_from is None:
             vqmodel = build_vqmodel(config, quantizer)
-            vq = VectorQuantizer.from_config(quantizer)
+            vq = build_quantizer(quantizer)
         else:
             vqmodel = VQModel.from_pretrained(config.init_from)
             table = vqmodel.quantize.embedding.weight.detach().float()  # (K, D)
@@ -196,12 +203,12 @@ class VQGAN(nn.Module):
             load_codebook_(vq, table)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(vqmodel)
-        return cls(vqmodel=vqmodel, quantizer=vq)
+        return cls(vqmodel=vqmodel, quantizer=vq, quantizer_config=quantizer)
 
     # ------------------------------------------------------------------ properties
 
     @property
-    def quantizer(self) -> VectorQuantizer:
+    def quantizer(self) -> nn.Module:
         return self.vqmodel.quantize
 
     @property
@@ -264,13 +271,34 @@ class VQGAN(nn.Module):
         exported.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, strict=True)
         return exported
 
+    def to_quantized_autoencoder(self):
+        """An `ldtok.models.quantized.QuantizedAutoencoder` (CPU, fp32) with our weights, for quantizers that a
+        diffusers `VQModel` cannot hold (FSQ, LFQ, BSQ, residual VQ)."""
+        from .quantized import QuantizedAutoencoder
+
+        assert self.quantizer_config is not None, "export of a non-VQ quantizer needs quantizer_config"
+        cfg = self.vqmodel.config
+        keys = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "mid_block_add_attention")
+        quantizer = dataclasses.asdict(self.quantizer_config)
+        exported = QuantizedAutoencoder(**{k: cfg[k] for k in keys}, quantizer=quantizer)
+        exported.vqmodel.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                                          for k, v in self.vqmodel.state_dict().items()}, strict=True)
+        return exported
+
     def export(self, path) -> None:
-        """Write a diffusers `VQModel` directory at `path` (atomically); quantizer training buffers are dropped."""
+        """Write the model directory at `path` (atomically): a diffusers `VQModel` for `VectorQuantizer` (SimVQ's
+        map folded into the table; training buffers dropped), else a `QuantizedAutoencoder`."""
+        if not isinstance(self.quantizer, VectorQuantizer):
+            save_pretrained_atomic(self.to_quantized_autoencoder(), path)
+            return
         sidecar = {"family": "vqgan", "l2_normalize": self.quantizer.l2_normalize}
         save_pretrained_atomic(self.to_diffusers(), path, extra_files={LDTOK_SIDECAR: json.dumps(sidecar, indent=2)})
 
     def config_sha256(self) -> str:
-        return config_sha256(self.vqmodel.config)
+        if isinstance(self.quantizer, VectorQuantizer):
+            return config_sha256(self.vqmodel.config)
+        return config_sha256({**self.vqmodel.config, "quantizer": dataclasses.asdict(self.quantizer_config)})
 
 
 __all__ = [

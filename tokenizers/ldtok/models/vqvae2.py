@@ -28,7 +28,6 @@ vqvae2`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -38,6 +37,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..outputs import AutoencoderOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer
 from .config import ModelConfig
@@ -46,9 +46,8 @@ from .shapes import check_image_size
 from .vqgan import check_quantizer_matches, enable_gradient_checkpointing, quantizer_metrics, quantizers_eval
 
 # Quantizer options shared by both levels (the codebook size and dimension are per level).
-SHARED_QUANTIZER_FIELDS = tuple(
-    f.name for f in dataclasses.fields(QuantizerConfig) if f.name not in ("codebook_size", "codebook_dim")
-)
+SHARED_QUANTIZER_FIELDS = ("l2_normalize", "ema", "decay", "eps", "beta", "kmeans_init", "kmeans_iters",
+                           "dead_code_steps", "usage_window")
 
 
 class VQVAE2Indices(NamedTuple):
@@ -249,6 +248,10 @@ class VQVAE2Autoencoder(nn.Module):
         if top_quantizer is None:
             top_quantizer = getattr(config, "top_quantizer", None) or quantizer
         top_key = "quantizer" if top_quantizer is quantizer else "top_quantizer"  # for error messages
+        for name, default in (("type", "vq"), ("gradient", "straight_through"), ("codebook_transform", "none")):
+            if getattr(quantizer, name) != default:
+                raise ConfigError(f"model.quantizer.{name}: VQ-VAE-2 supports only {default!r} (got "
+                                  f"{getattr(quantizer, name)!r}); use model.type=vqgan for the other quantizers")
         for name in SHARED_QUANTIZER_FIELDS:
             if getattr(top_quantizer, name) != getattr(quantizer, name):
                 raise ValueError(f"model.top_quantizer.{name}={getattr(top_quantizer, name)!r} differs from "

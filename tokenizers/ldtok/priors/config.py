@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import ConfigError
+
 
 @dataclass
 class PriorTrainConfig:
@@ -198,6 +200,9 @@ class PriorTransformerConfig:
         temperature (`float`): sampling temperature.
         top_k (`int`, *optional*): sample among the `top_k` most likely codes only.
         grid_columns (`int`): samples per row of the grid PNG.
+        code_groups (`int`): tokens each code is split into (its index's digits of radix `K ** (1 / code_groups)`),
+            so that large implicit codebooks stay tractable: 2 for 18-bit LFQ / BSQ codes (two 512-way softmaxes).
+            `K` must be a `code_groups`-th power. Residual VQ stages are extra tokens whatever this is.
     """
 
     shards: str | None = None
@@ -212,9 +217,12 @@ class PriorTransformerConfig:
     temperature: float = 1.0
     top_k: int | None = None
     grid_columns: int = 8
+    code_groups: int = 1
 
     def __post_init__(self):
         assert self.shards, "shards: the code-shard directory is required (shards=PATH)"
+        if self.code_groups < 1:
+            raise ConfigError(f"code_groups: must be >= 1, got {self.code_groups}")
         assert self.num_samples > 0 and self.grid_columns > 0, "num_samples and grid_columns must be positive"
         assert self.temperature > 0, f"temperature must be positive, got {self.temperature}"
         assert self.top_k is None or self.top_k > 0, f"top_k must be positive or null, got {self.top_k}"

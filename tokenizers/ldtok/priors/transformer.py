@@ -1,9 +1,5 @@
-"""A small GPT over tokenizer codes (nanoGPT-style decoder-only transformer), and the layout of codes in a sequence.
-
-`CodeLayout` turns the code maps of a VQ tokenizer into one token sequence and back: VQGAN's `(h, w)` indices in raster
-order; VQ-VAE-2's top codes, then its bottom codes, each level with its own vocabulary offset (bottom token
-`top_codebook_size + i` is bottom code `i`), so one softmax covers both levels and a position can only be sampled from
-its own level's range (`CodeLayout.allowed_tokens`).
+"""A small GPT over tokenizer codes (nanoGPT-style decoder-only transformer); the layout of codes in a sequence is
+`ldtok.priors.layout.CodeLayout`.
 
 `GPT` predicts the next token. Its input is a conditioning token (the class label, or a learned start token when
 unconditional) followed by the codes, so the logits at position `i` are the distribution of code `i` given the label and
@@ -13,7 +9,6 @@ with a key/value cache (one token per step) and optional temperature and top-k.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -24,112 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import Tensor, nn
 
-KIND_LEVELS: dict[str, tuple[str, ...]] = {"vq": ("indices",), "vqvae2": ("indices_top", "indices_bottom")}
-
-
-# ------------------------------------------------------------------------------------------------ code layout
-@dataclass
-class CodeLevel:
-    """One code map of a tokenizer, as laid out in the token sequence.
-
-    Args:
-        name (`str`): the shard field holding its indices (`"indices"`, `"indices_top"`, `"indices_bottom"`).
-        height (`int`), width (`int`): the code map's size.
-        codebook_size (`int`): codes of this level.
-        offset (`int`): vocabulary offset: token `offset + i` is code `i` of this level.
-    """
-
-    name: str
-    height: int
-    width: int
-    codebook_size: int
-    offset: int
-
-    @property
-    def length(self) -> int:
-        return self.height * self.width
-
-
-class CodeLayout:
-    """Code maps of one or more levels, concatenated in raster order into one token sequence.
-
-    Args:
-        levels (`list[CodeLevel]`): in sequence order, with non-overlapping vocabulary ranges.
-    """
-
-    def __init__(self, *, levels: list[CodeLevel]):
-        assert levels, "a layout needs at least one level"
-        self.levels = list(levels)
-        ranges = sorted((lv.offset, lv.offset + lv.codebook_size) for lv in self.levels)
-        for (_, end), (start, _) in itertools.pairwise(ranges):
-            assert end <= start, f"levels have overlapping vocabulary ranges: {ranges}"
-
-    @classmethod
-    def from_manifest(cls, manifest: dict, *, codebook_sizes: list[int] | None = None) -> CodeLayout:
-        """The layout of a VQ shard directory's `index.json` (`kind` `"vq"` or `"vqvae2"`).
-
-        Args:
-            manifest (`dict`): as returned by `ldtok.shards.load_manifest`.
-            codebook_sizes (`list[int]`, *optional*): codes per level; defaults to the manifest's `codebook_size` for
-                every level (for VQ-VAE-2 that is the larger level's: the vocabulary then has unused tokens).
-        """
-        kind = manifest["kind"]
-        assert kind in KIND_LEVELS, f"a code layout needs VQ shards (kind 'vq' or 'vqvae2'), got kind={kind!r}"
-        names = KIND_LEVELS[kind]
-        sizes = list(codebook_sizes) if codebook_sizes is not None else [manifest["codebook_size"]] * len(names)
-        assert len(sizes) == len(names), f"{len(names)} levels need {len(names)} codebook sizes, got {sizes}"
-        levels, offset = [], 0
-        for name, size in zip(names, sizes):
-            h, w = manifest["fields"][name]["shape"]
-            levels.append(CodeLevel(name=name, height=h, width=w, codebook_size=size, offset=offset))
-            offset += size
-        return cls(levels=levels)
-
-    @property
-    def length(self) -> int:
-        """Tokens per sequence."""
-        return sum(lv.length for lv in self.levels)
-
-    @property
-    def vocab_size(self) -> int:
-        return max(lv.offset + lv.codebook_size for lv in self.levels)
-
-    def pack(self, codes: dict[str, Tensor]) -> Tensor:
-        """Token sequences `(B, length)` int64 from `codes[level.name]` `(B, h, w)` (a batch of shard items)."""
-        parts = []
-        for lv in self.levels:
-            c = codes[lv.name]  # (B, h, w)
-            assert c.shape[1:] == (lv.height, lv.width), (
-                f"{lv.name}: codes of shape {tuple(c.shape)}, the layout has {lv.height}x{lv.width}"
-            )
-            parts.append(rearrange(c.long(), "b h w -> b (h w)") + lv.offset)  # raster order
-        return torch.cat(parts, dim=1)
-
-    def unpack(self, tokens: Tensor) -> dict[str, Tensor]:
-        """Code maps `{level.name: (B, h, w)}` int64 (offsets removed) of token sequences `(B, length)`."""
-        assert tokens.shape[1] == self.length, f"sequences of {tokens.shape[1]} tokens, the layout has {self.length}"
-        codes, start = {}, 0
-        for lv in self.levels:
-            part = tokens[:, start : start + lv.length] - lv.offset
-            codes[lv.name] = rearrange(part, "b (h w) -> b h w", h=lv.height)
-            start += lv.length
-        return codes
-
-    def allowed_tokens(self) -> Tensor:
-        """`(length, vocab_size)` bool: the tokens of each position's level."""
-        mask = torch.zeros(self.length, self.vocab_size, dtype=torch.bool)
-        start = 0
-        for lv in self.levels:
-            mask[start : start + lv.length, lv.offset : lv.offset + lv.codebook_size] = True
-            start += lv.length
-        return mask
-
-    def to_json(self) -> dict:
-        return {"levels": [vars(lv).copy() for lv in self.levels]}
-
-    @classmethod
-    def from_json(cls, data: dict) -> CodeLayout:
-        return cls(levels=[CodeLevel(**lv) for lv in data["levels"]])
+from .layout import KIND_LEVELS, CodeLayout, CodeLevel  # noqa: F401  (re-exported: the layout moved to layout.py)
 
 
 # ------------------------------------------------------------------------------------------------ the model

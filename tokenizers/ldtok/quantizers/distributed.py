@@ -67,3 +67,23 @@ def gather_rows(local: Tensor, global_indices: Tensor, sizes: list[int]) -> Tens
     out = local.new_zeros(global_indices.shape[0], local.shape[1])
     out[mine] = local[global_indices[mine] - offset]
     return all_reduce_sum_(out)
+
+
+def global_mean_with_local_grad(local_sum: Tensor, local_count: Tensor | float) -> Tensor:
+    """Mean over every rank's rows whose gradient reaches this rank's rows (a collective; fp32).
+
+    The value is `sum_r local_sum_r / sum_r local_count_r`, bit-identical on every rank and equal to the mean of the
+    concatenated batch in one process. The gradient flows through this rank's `local_sum` only, scaled by the world
+    size, because DDP averages the ranks' gradients: after its all-reduce every parameter receives the gradient of the
+    global mean, exactly as one process on the concatenated batch would compute it.
+
+    Args:
+        local_sum (`Tensor`, any shape): this rank's sum over its rows (differentiable).
+        local_count (`Tensor` or `float`): this rank's number of rows.
+    """
+    count = torch.as_tensor(local_count, dtype=local_sum.dtype, device=local_sum.device).clone()
+    total = all_reduce_sum_(local_sum.detach().clone())
+    all_reduce_sum_(count)
+    W = float(world_size())
+    # value: total + 0 exactly; gradient: W * d(local_sum)
+    return (total + (W * local_sum - (W * local_sum).detach())) / count

@@ -6,13 +6,16 @@ Fixes the usual complaints about taming / rosinality / LlamaGen quantizers:
   same vectors on every rank, so all ranks hold a bit-identical codebook (no silent divergence under DDP);
 - distances, lookup and statistics run in fp32 with autocast off (no fp16 overflow / NaN, no bf16 near-tie flips);
 - `beta` weights the commitment term (the encoder's), never the codebook term;
-- k-means init and dead-code restarts against codebook collapse, with a windowed usage metric to watch it.
+- k-means init and dead-code restarts against codebook collapse, with a windowed usage metric to watch it;
+- SimVQ (Zhu et al. 2024, `codebook_transform="linear"`): the codes are a learned linear map of a frozen random basis,
+  so a gradient step moves every code, used or not (no collapse at 262k codes); the export folds the map into the table;
+- the rotation trick (Fifty et al. 2024, `gradient="rotation"`): the gradient reaching the encoder is that of the
+  rotation and rescaling that takes `z_e` to its code, instead of the identity; the forward value is unchanged.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,48 +32,33 @@ _KMEANS_SEED = 1
 _RESTART_SEED = 2**20  # + the training step, so restarts at different steps draw different vectors
 
 
-@dataclass
-class QuantizerConfig:
-    """Hyperparameters of `VectorQuantizer` (field names match its constructor).
+# The constructor arguments of `VectorQuantizer` (the `QuantizerConfig` keys it takes).
+VQ_FIELDS = ("codebook_size", "codebook_dim", "l2_normalize", "ema", "decay", "eps", "beta", "kmeans_init",
+             "kmeans_iters", "dead_code_steps", "usage_window", "gradient", "codebook_transform")
 
-    Args:
-        codebook_size (`int`, defaults to 16384): number of codes K.
-        codebook_dim (`int`, defaults to 4): dimension D of the code space. The quantizer has no projections: the
-            model maps latents to D channels with its `quant_conv` (diffusers' `VQModel.vq_embed_dim`), so the
-            quantizer's input has exactly D channels.
-        l2_normalize (`bool`, defaults to `False`): LlamaGen-style cosine codebook: inputs and codes are
-            L2-normalized before the distance, and the quantized output is the normalized code.
-        ema (`bool`, defaults to `True`): update the codebook by exponential moving averages of the assigned encoder
-            outputs (a buffer, `codebook_loss == 0`); `False` trains it by gradient (an `nn.Parameter`).
-        decay (`float`, defaults to 0.99): EMA decay of the cluster sizes and sums.
-        eps (`float`, defaults to 1e-5): Laplace smoothing of the EMA cluster sizes (avoids division by zero).
-        beta (`float`, defaults to 0.25): weight of the commitment loss `||z_e - sg(z_q)||^2` (the encoder's term).
-        kmeans_init (`bool`, defaults to `True`): initialize the codebook by k-means on the first training batch
-            (all ranks' encoder outputs).
-        kmeans_iters (`int`, defaults to 10): Lloyd iterations of the k-means init.
-        dead_code_steps (`int`, defaults to 50): a code unused (on every rank) for this many consecutive training
-            steps is restarted from a random encoder output of the current batch; 0 disables restarts.
-        usage_window (`int`, defaults to 100): number of training steps over which `window_usage()` measures the
-            fraction of codes used.
+
+def rotate_to(e: Tensor, q: Tensor) -> Tensor:
+    """The rotation trick: `e` `(N, D)` rotated and rescaled onto `q` `(N, D)` (detached), differentiable in `e`.
+
+    `R e * ||q|| / ||e||` with `R` the rotation taking `e / ||e||` to `q / ||q||` (treated as a constant, Fifty et
+    al. 2024, eq. 4's efficient Householder form); its value is `q` up to rounding.
     """
-
-    codebook_size: int = 16384
-    codebook_dim: int = 4
-    l2_normalize: bool = False
-    ema: bool = True
-    decay: float = 0.99
-    eps: float = 1e-5
-    beta: float = 0.25
-    kmeans_init: bool = True
-    kmeans_iters: int = 10
-    dead_code_steps: int = 50
-    usage_window: int = 100
+    q = q.detach()
+    e_norm = e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    q_norm = q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    u = (e / e_norm).detach()
+    q_hat = q / q_norm
+    w = F.normalize(u + q_hat, dim=1)
+    rotated = e - 2 * (e * w).sum(1, keepdim=True) * w + 2 * (e * u).sum(1, keepdim=True) * q_hat
+    return rotated * (q_norm / e_norm).detach()
 
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer, channels-first in and out.
 
     Arguments are those of `QuantizerConfig` (keyword-only); `VectorQuantizer.from_config(cfg)` builds from one.
+    With `codebook_transform="linear"` (SimVQ, gradient mode only) `embedding` is a frozen basis buffer and
+    `codebook_transform` an `nn.Linear(D, D)` (initialized to the identity): the codes are `embedding @ W^T`.
 
     State:
         - `embedding` (`(K, D)`): the codebook; a buffer when `ema=True`, an `nn.Parameter` otherwise. With
@@ -101,8 +89,16 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         dead_code_steps: int = 50,
         usage_window: int = 100,
+        gradient: Literal["straight_through", "rotation"] = "straight_through",
+        codebook_transform: Literal["none", "linear"] = "none",
     ):
         super().__init__()
+        if gradient not in ("straight_through", "rotation"):
+            raise ValueError(f"gradient must be 'straight_through' or 'rotation', got {gradient!r}")
+        if codebook_transform not in ("none", "linear"):
+            raise ValueError(f"codebook_transform must be 'none' or 'linear', got {codebook_transform!r}")
+        if codebook_transform == "linear" and ema:
+            raise ValueError("codebook_transform='linear' (SimVQ) trains the map by gradient: it needs ema=False")
         if codebook_size < 1 or codebook_dim < 1:
             raise ValueError(f"codebook_size and codebook_dim must be >= 1, got {codebook_size}, {codebook_dim}")
         if not 0.0 <= decay < 1.0:
@@ -126,6 +122,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.dead_code_steps = dead_code_steps
         self.usage_window = usage_window
+        self.gradient = gradient
+        self.linear_codebook = codebook_transform == "linear"
 
         K, D = codebook_size, codebook_dim
         # unit-variance codes (taming's uniform(-1/K, 1/K) puts every code near 0 and collapses); a fixed generator
@@ -138,6 +136,10 @@ class VectorQuantizer(nn.Module):
             # cluster_size 1 and embed_sum == embedding keep embed_sum / cluster_size == embedding from the start
             self.register_buffer("cluster_size", torch.ones(K))
             self.register_buffer("embed_sum", embedding.clone())
+        elif self.linear_codebook:
+            self.register_buffer("embedding", embedding)  # SimVQ's frozen basis
+            self.codebook_transform = nn.Linear(D, D, bias=False)
+            nn.init.eye_(self.codebook_transform.weight)
         else:
             self.embedding = nn.Parameter(embedding)
         self.register_buffer("initialized", torch.tensor(0 if kmeans_init else 1, dtype=torch.int64))
@@ -148,13 +150,15 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_restarts", torch.tensor(0, dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, config: QuantizerConfig) -> VectorQuantizer:
-        return cls(**dataclasses.asdict(config))
+    def from_config(cls, config) -> VectorQuantizer:
+        """Build from a `QuantizerConfig` (its `VQ_FIELDS`)."""
+        return cls(**{name: getattr(config, name) for name in VQ_FIELDS})
 
     def extra_repr(self) -> str:
         return (
             f"codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, ema={self.ema}, "
-            f"l2_normalize={self.l2_normalize}, beta={self.beta}"
+            f"l2_normalize={self.l2_normalize}, beta={self.beta}, gradient={self.gradient}, "
+            f"codebook_transform={'linear' if self.linear_codebook else 'none'}"
         )
 
     # ------------------------------------------------------------------ lookup
@@ -162,6 +166,8 @@ class VectorQuantizer(nn.Module):
     def _codebook_fp32(self) -> Tensor:
         """`(K, D)` fp32 table used for distances and lookup (normalized with `l2_normalize`); keeps the graph."""
         codes = self.embedding.float()
+        if self.linear_codebook:
+            codes = codes @ self.codebook_transform.weight.float().t()  # (K, D)
         return F.normalize(codes, dim=1) if self.l2_normalize else codes
 
     @torch.no_grad()
@@ -185,6 +191,22 @@ class VectorQuantizer(nn.Module):
         """
         codes = F.embedding(indices, self.export_codebook())  # (B, H, W, D)
         return rearrange(codes, "b h w d -> b d h w")
+
+    @torch.no_grad()
+    def _to_basis(self, rows: Tensor) -> Tensor:
+        """Basis rows whose codes are `rows` `(M, D)`: `rows` itself, or SimVQ's `solve(W, rows^T)^T`."""
+        if not self.linear_codebook:
+            return rows
+        weight = self.codebook_transform.weight.detach().float()  # codes = basis @ W^T
+        return torch.linalg.lstsq(weight, rows.t()).solution.t()
+
+    def training_metrics(self, suffix: str = "") -> dict[str, float]:
+        """Training-log metrics: windowed usage in percent, codes restarted by the latest step and in total."""
+        return {
+            f"codebook_usage_window_pct{suffix}": 100.0 * float(self.window_usage()),
+            f"codebook_restarts{suffix}": float(self.last_restarts),
+            f"codebook_restarts_total{suffix}": float(self.num_restarts),
+        }
 
     @torch.no_grad()
     def window_usage(self) -> Tensor:
@@ -231,9 +253,10 @@ class VectorQuantizer(nn.Module):
                 codebook_loss = F.mse_loss(flat.detach(), z_q)  # gradient to the codebook only
             loss = self.beta * commit_loss + codebook_loss
 
-            # straight-through: value exactly z_q (so codes_from_indices is a bitwise inverse), gradient identity to z.
-            # (taming's z + (z_q - z).detach() has the same gradient but rounds the value.)
-            quantized = z_q.detach() + (flat - flat.detach())
+            # value exactly z_q (so codes_from_indices is a bitwise inverse); gradient to z: the identity
+            # (straight-through) or the rotation trick's. (taming's z + (z_q - z).detach() rounds the value.)
+            carrier = rotate_to(flat, z_q) if self.gradient == "rotation" else flat
+            quantized = z_q.detach() + (carrier - carrier.detach())
 
             if self.training:
                 with torch.no_grad():
@@ -270,7 +293,7 @@ class VectorQuantizer(nn.Module):
         centroids, counts = kmeans(
             flat, self.codebook_size, iters=self.kmeans_iters, generator=generator, l2_normalize=self.l2_normalize
         )
-        self.embedding.copy_(centroids)
+        self.embedding.copy_(self._to_basis(centroids))
         if self.ema:
             # EMA stats consistent with the centroids, at the scale of one batch's counts
             self.cluster_size.copy_(counts)
@@ -292,7 +315,7 @@ class VectorQuantizer(nn.Module):
         generator = torch.Generator().manual_seed(_RESTART_SEED + int(self.num_steps))
         new_codes = sample_rows(flat, num_dead, generator=generator)  # (num_dead, D)
         dead_idx = dead.nonzero().squeeze(1)
-        self.embedding[dead_idx] = new_codes.to(self.embedding.dtype)
+        self.embedding[dead_idx] = self._to_basis(new_codes).to(self.embedding.dtype)
         if self.ema:
             self.cluster_size[dead_idx] = 1.0
             self.embed_sum[dead_idx] = new_codes

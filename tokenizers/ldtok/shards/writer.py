@@ -5,7 +5,7 @@ Shard contents (one safetensors file of N samples, rows in the order they were a
 | kind     | tensors (row = sample)                                                              |
 |----------|-------------------------------------------------------------------------------------|
 | `kl`     | `mean`, `logvar`: `(N, C, h, w)` in the stored float dtype (float16 / bfloat16 / float32) |
-| `vq`     | `indices`: `(N, h, w)` in `index_dtype_for(codebook_size)`                          |
+| `vq`     | `indices`: `(N, h, w)` (residual VQ: `(N, S, h, w)`) in `index_dtype_for(codebook_size)` |
 | `vqvae2` | `indices_top`: `(N, h_t, w_t)`, `indices_bottom`: `(N, h_b, w_b)`, same integer dtype |
 
 plus, optionally, `label` `(N,)` int64, and flip variants: when the encoder also stores the latents of the horizontally
@@ -268,8 +268,9 @@ class ShardWriter:
                     )
                 dtype = t.dtype
             else:
-                if t.ndim != 3 or t.dtype.is_floating_point:
-                    raise ValueError(f"{name!r} must be a (B, h, w) integer tensor, got {t.dtype} {tuple(t.shape)}")
+                if t.ndim not in (3, 4) or t.dtype.is_floating_point:  # (B, S, h, w): residual VQ's stages
+                    raise ValueError(f"{name!r} must be a (B, h, w) or (B, S, h, w) integer tensor, got {t.dtype} "
+                                     f"{tuple(t.shape)}")
                 dtype = self._index_dtype
             description = FIELD_DESCRIPTIONS[base] + (", horizontally flipped image" if name.endswith("_flip") else "")
             fields[name] = {"dtype": _dtype_name(dtype), "shape": list(t.shape[1:]), "description": description}

@@ -1,0 +1,93 @@
+"""Every quantizer end to end: trains under `train/vq.py`, resumes exactly, exports, loads through `load_tokenizer`,
+encodes to shards, decodes, and the prior transformer trains on its tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from launch import launch
+from safetensors.torch import load_file
+
+from ldtok.cli import main as ldtok
+from ldtok.models import load_tokenizer
+from ldtok.shards import load_manifest
+
+pytestmark = pytest.mark.slow
+
+# name -> (training config, overrides, exported class, prior overrides)
+CHAINS = {
+    "fsq": ("configs/demo-fsq.yaml", [], "QuantizedAutoencoder", []),
+    "lfq": ("configs/demo-lfq.yaml", [], "QuantizedAutoencoder", ["code_groups=2"]),  # 256 codes: 2 digits of 16
+    "bsq": ("configs/demo-lfq.yaml", ["model.quantizer.type=bsq", "model.quantizer.entropy_groups=8"],
+            "QuantizedAutoencoder", []),
+    "residual": ("configs/demo-vq.yaml", ["model.quantizer.type=residual", "model.quantizer.num_stages=2",
+                                          "model.quantizer.codebook_size=16", "model.quantizer.quantize_dropout=0.5"],
+                 "QuantizedAutoencoder", []),
+    "simvq": ("configs/demo-vq.yaml", ["model.quantizer.ema=false", "model.quantizer.codebook_transform=linear",
+                                       "model.quantizer.gradient=rotation"], "VQModel", []),
+}
+TINY_GPT = ["model.num_layers=1", "model.num_heads=2", "model.hidden_size=32", "model.dropout=0.0",
+            "train.batch_size=4", "train.warmup_steps=0", "train.max_steps=2", "train.log_every=1",
+            "train.checkpoint_every=0", "num_samples=2", "grid_columns=2", "top_k=null"]
+
+
+def images(n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_quantizer_trains_resumes_exports_encodes_decodes_and_feeds_the_prior(tmp_path, name):
+    config, overrides, class_name, prior_overrides = CHAINS[name]
+    run = tmp_path / "run"
+    common = [*overrides, "train.checkpoint_every=2", "train.keep_checkpoints=2"]
+    launch(f"output_dir={run}", "train.max_steps=4", *common, script="train/vq.py", config=config)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.startswith("codebook_usage_window_pct") for e in logged for k in e), logged[-1]
+
+    # resume from step 2: the same final weights as the uninterrupted run, bit for bit
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    shutil.rmtree(resumed / "final")
+    launch(f"output_dir={resumed}", "resume=latest", "train.max_steps=4", *common, script="train/vq.py",
+           config=config)
+    weights = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(run / "final" / weights), load_file(resumed / "final" / weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
+
+    # the export loads through load_tokenizer, and indices -> images is the eval-mode reconstruction
+    assert json.loads((run / "final" / "config.json").read_text())["_class_name"] == class_name
+    tok = load_tokenizer(run / "final")
+    x = images()
+    indices = tok.encode_to_indices(x)
+    with torch.no_grad():
+        torch.testing.assert_close(tok.decode_indices(indices), tok(x).sample, rtol=0, atol=1e-6)
+
+    # encode to shards (smallest integer dtype; residual: a stage axis), decode them
+    shards = tmp_path / "codes"
+    assert ldtok(["encode", "--model", str(run / "final"), "--out", str(shards), "--data-source", "default",
+                  "--resolution", "32", "--max-samples", "8", "--batch-size", "4", "--samples-per-shard", "8",
+                  "--no-progress"]) == 0
+    field = load_manifest(shards)["fields"]["indices"]
+    assert field["dtype"] == "uint8"
+    expected = [*([2] if name == "residual" else []), *indices.shape[-2:]]
+    assert field["shape"] == expected
+    decoded = tmp_path / "decoded"
+    assert ldtok(["decode", str(shards), "--model", str(run / "final"), "--out", str(decoded), "--limit", "2"]) == 0
+    assert len(list(decoded.glob("*.png"))) == 2
+
+    # the prior transformer trains on the tokens, samples and decodes
+    prior = tmp_path / "prior"
+    launch(f"shards={shards}", f"output_dir={prior}", *TINY_GPT, *prior_overrides, script="train/prior_transformer.py",
+           config="configs/prior-transformer-demo.yaml", tiny=False)
+    summary = json.loads((prior / "summary.json").read_text())
+    codes = load_file(summary["codes"])["indices"]
+    assert list(codes.shape[1:]) == expected and int(codes.max()) < tok.codebook_sizes[0]
+    layout = json.loads((prior / "final" / "prior.json").read_text())["layout"]["levels"][0]
+    tokens_per_position = (2 if name == "residual" else 1) * (2 if "code_groups=2" in prior_overrides else 1)
+    assert layout["stages"] * layout["groups"] == tokens_per_position
