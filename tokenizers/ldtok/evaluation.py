@@ -40,6 +40,7 @@ from .metrics import (
     FeatureExtractor,
     InceptionFID,
     MetricAccumulator,
+    bit_entropy,
     codebook_stats,
     collapsed_channels,
     fid_from_moments,
@@ -375,6 +376,16 @@ def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason)
                 Metric(f"val/codebook_entropy{sfx}", stats["entropy"], f"code entropy (nats){where}",
                        f"normalized by log K: {stats['normalized_entropy']:.4f}"),
             ]
+            bits = getattr(getattr(model, "quantizer", None), "index_bits", None)  # LFQ / BSQ: codes are bit words
+            if bits is not None and len(levels) == 1:
+                per_bit = bit_entropy(gathered.histograms[f"codes/{level}"], bits=bits)
+                stats["bit_entropy"] = [float(v) for v in per_bit]
+                metrics += [
+                    Metric("val/bit_entropy_mean", float(per_bit.mean()), "mean entropy per bit (bits)",
+                           f"{bits} bits; 1 = every bit a fair coin"),
+                    Metric("val/bit_entropy_min", float(per_bit.min()), "lowest entropy of a bit (bits)",
+                           f"bit {int(per_bit.argmin())} (MSB = 0); near 0: a channel stuck at one sign"),
+                ]
 
     kl_c = collapsed = None
     if gathered.ids("kl_channel"):

@@ -8,6 +8,7 @@
 
 from .accumulator import GatheredMetrics, MetricAccumulator, merge_states
 from .codebook import (
+    bit_entropy,
     codebook_stats,
     collapsed_channels,
     index_histogram,
@@ -37,6 +38,7 @@ __all__ = [
     "GatheredMetrics",
     "InceptionFID",
     "MetricAccumulator",
+    "bit_entropy",
     "codebook_stats",
     "collapsed_channels",
     "fid_from_moments",

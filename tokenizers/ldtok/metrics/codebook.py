@@ -108,3 +108,21 @@ def collapsed_channels(kl_c: Tensor, threshold: float = 0.01) -> Tensor:
     """
     assert kl_c.ndim == 1, f"expected a (C,) KL vector, got shape {tuple(kl_c.shape)}"
     return torch.nonzero(kl_c < threshold).flatten()
+
+
+def bit_entropy(counts: Tensor, *, bits: int) -> Tensor:
+    """The entropy of each bit of a `bits`-bit code, from the code histogram: `(bits,)`, in bits (1 = a fair coin).
+
+    Lookup-free / binary quantizers (LFQ, BSQ) index codes by their sign bits (MSB first); a bit stuck at one value
+    (entropy 0) wastes a channel even when the code usage looks fine.
+
+    Args:
+        counts (`Tensor` of shape `(2**bits,)`): occurrences of every code.
+    """
+    assert counts.shape == (2**bits,), f"expected a ({2**bits},) histogram for {bits} bits, got {tuple(counts.shape)}"
+    c = counts.detach().double().cpu()
+    codes = torch.arange(2**bits).unsqueeze(1).bitwise_and(2 ** torch.arange(bits - 1, -1, -1)) != 0  # (K, bits)
+    p = (c.unsqueeze(1) * codes).sum(0) / c.sum()  # (bits,) P(bit = 1)
+    q = (1 - p).clamp_min(1e-300)
+    return -(p * p.clamp_min(1e-300).log2() + (1 - p) * q.log2())
+

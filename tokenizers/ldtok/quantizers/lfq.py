@@ -68,6 +68,11 @@ class LookupFreeQuantizer(nn.Module):
         self.register_buffer("_group_codebook", group_codes.float() * 2 - 1, persistent=False)  # (2^b, b) of +-1
         self.usage = CodeUsageTracker(codebook_size=self.codebook_size, usage_window=usage_window)
 
+    @property
+    def index_bits(self) -> int:
+        """The index is a `d`-bit word, one bit per channel (MSB first): evaluation reports each bit's entropy."""
+        return self.codebook_dim
+
     def extra_repr(self) -> str:
         return (f"codebook_dim={self.codebook_dim}, entropy_weight={self.entropy_weight}, "
                 f"entropy_groups={self.entropy_groups}, beta={self.beta}")
