@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,86 @@ def test_ldtok_keys_prints_types_defaults_and_descriptions_of_every_config(capsy
     assert any(x.strip().startswith("unet.") for x in prior) and not any("val_data" in x for x in prior)
     assert main(["keys", "--config", "prior-transformer"]) == 0
     assert "\n  model.num_layers: int = 8" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- end to end: trackers and model cards
+
+
+@pytest.mark.slow
+def test_a_run_logs_scalars_hparams_and_images_to_tensorboard_and_wandb_and_cards_its_exports(tmp_path, monkeypatch):
+    from launch import launch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+    out = tmp_path / "run"
+    launch(f"output_dir={out}", "train.max_steps=2", "train.checkpoint_every=2", "train.report_to=tensorboard,wandb",
+           "train.image_every=1", "loss.disc_start=100")
+    # TensorBoard: scalars, the grid image at steps 1 and 2, and the resolved config as hyperparameters
+    scalars, images, plugins = set(), {}, set()
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        for tag in acc.Tags()["images"]:
+            images[tag] = [e.step for e in acc.Images(tag)]
+        try:
+            plugins |= set(acc.PluginTagToContent("hparams"))
+        except KeyError:  # this event file holds no hparams
+            pass
+    assert {"loss", "rec", "val/psnr"} <= scalars
+    assert images.get("reconstructions") == [1, 2]
+    assert "_hparams_/session_start_info" in plugins
+    # wandb offline: a run directory with the scalars and the images
+    (run_dir,) = (tmp_path / "wandb_dir" / "wandb").glob("offline-run-*")
+    media = sorted((run_dir / "files" / "media" / "images").glob("reconstructions_*.png"))
+    assert len(media) == 2
+    records = _wandb_records(next(run_dir.glob("run-*.wandb")))
+    history = {int(row["_step"]): row for row in records["history"]}
+    assert set(history) == {1, 2}
+    assert {"loss", "rec", "reconstructions/path", "reconstructions/_type"} <= set(history[1])
+    assert "val/psnr" in history[2] and json.loads(history[2]["reconstructions/_type"]) == "image-file"
+    config = {k for update in records["config"] for k in update}
+    assert {"train.max_steps", "model.block_out_channels", "data.val_fraction"} <= config
+    # model cards: final/ with the measured metrics and latent statistics, and each checkpoint's diffusers dir
+    final = (out / "final" / "README.md").read_text()
+    assert read_front_matter(out / "final" / "README.md")["library_name"] == "diffusers"
+    assert "optimizer steps: 2" in final and "| psnr |" in final and "latent std" in final
+    assert (out / "checkpoints" / "step_00000002" / "diffusers" / "README.md").is_file()
+
+
+def _wandb_records(path: Path) -> dict[str, list[dict]]:
+    """History rows and config updates of an offline wandb run file (a LevelDB-style log of protobuf records: a
+    7-byte file header, 32 KiB blocks, each record chunk behind a crc32/length/type header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    pos, block, chunk, raw = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if length == 0 and kind == 0:  # zero padding to the end of the block
+            pos += left - 7
+            continue
+        chunk += data[pos : pos + length]
+        pos += length
+        if kind in (1, 4):  # FULL or LAST
+            raw.append(chunk)
+            chunk = b""
+    out: dict[str, list[dict]] = {"history": [], "config": []}
+    for item in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(item)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+        elif kind == "config":
+            out["config"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.config.update})
+    return out
