@@ -217,7 +217,12 @@ def _load_images(data: DataConfig, n: int, holdout: bool = False) -> torch.Tenso
             images.append(sample["pixel_values"])
         if len(images) == n:
             break
-    assert images, "the validation data has no decodable image"
+    if not images:
+        from .errors import LdtokError
+
+        where = f"source {data.source!r}, split {data.split!r}" + (", its val_fraction holdout" if holdout else "")
+        raise LdtokError(f"the validation data ({where}) has no decodable image: set val_data (e.g. val_data.path=DIR) "
+                         "or raise data.val_fraction")
     return torch.stack(images)
 
 
