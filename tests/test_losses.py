@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -13,9 +14,10 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from ldtok.discriminator import PatchDiscriminator
+from ldtok.errors import LdtokError
 from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from ldtok.outputs import AutoencoderOutput, QuantizerOutput
-from ldtok.perceptual import build_perceptual
+from ldtok.perceptual import PerceptualWeightsUnavailable, build_perceptual
 
 H = W = 32
 LATENT = 4
@@ -389,32 +391,38 @@ def test_patch_discriminator_layout():
 
 
 def forbid_downloads(monkeypatch):
-    import torchvision._internally_replaced_utils as tv_utils
-    import torchvision.models._api as tv_api
+    """Offline as a user without network sees it: torch.hub's download raises URLError (nothing else is replaced)."""
+    calls = []
 
-    def refuse(*args, **kwargs):
-        raise ConnectionError("network access in a test")
+    def offline(url, dst, *args, **kwargs):
+        calls.append(url)
+        raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(tv_utils, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return calls
 
 
-def test_missing_lpips_backbone_names_the_file_and_the_hub_dir(monkeypatch, tmp_path):
-    forbid_downloads(monkeypatch)
+def test_lpips_backbone_loads_through_torchvision_and_offline_names_the_file_and_dir(monkeypatch, tmp_path):
+    calls = forbid_downloads(monkeypatch)
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     checkpoints = tmp_path / "hub" / "checkpoints"
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(PerceptualWeightsUnavailable) as error:
         build_perceptual("lpips-vgg")
+    # torchvision's normal loading asked for the download (a connected machine would have fetched it there).
+    assert len(calls) == 1 and calls[0].endswith("/vgg16-397923af.pth")
     message = str(error.value)
-    assert "vgg16-397923af.pth" in message and str(checkpoints) in message and "stlpips-vgg" in message
-    # A corrupt cached file gives the same advice plus the cause, not a raw unpickling error.
-    checkpoints.mkdir(parents=True)
+    assert "\n" not in message and isinstance(error.value, LdtokError)
+    assert "vgg16-397923af.pth" in message and str(checkpoints) in message and "$TORCH_HOME/hub/checkpoints" in message
+    assert "URLError" in message and "stlpips-vgg" in message
+    # A corrupt cached file gives the same advice plus the cause, not a raw unpickling error, and no download.
+    checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="alexnet-owt-7be5be79.pth.*loading failed"):
+    with pytest.raises(PerceptualWeightsUnavailable, match="alexnet-owt-7be5be79.pth.*loading failed"):
         build_perceptual("lpips-alex")
+    assert len(calls) == 1
+    # A random backbone needs no file at all.
+    assert build_perceptual("lpips-alex", random_init=True) is not None and len(calls) == 1
 
 
 def test_stlpips_alex_is_offline_frozen_and_a_distance(monkeypatch, stlpips_alex):

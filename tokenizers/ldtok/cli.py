@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("ldtok.commands.decode", "decode latent shards back into PNG images"),
     "verify": ("ldtok.commands.verify", "check a latent-shard directory; exit status 1 if anything is wrong"),
     "eval": ("ldtok.commands.eval", "evaluate a tokenizer's reconstructions and write report.html / report.json"),
+    "push": ("ldtok.commands.push", "upload an exported tokenizer directory (with its model card) to the HF Hub"),
 }
 
 
@@ -39,11 +40,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# `ldtok keys --config NAME` -> (module, class) of that script's config
+CONFIGS: dict[str, tuple[str, str]] = {
+    "train": ("ldtok.training", "RunConfig"),  # train/vae.py and train/vq.py
+    "prior-diffusion": ("ldtok.priors.config", "PriorDiffusionConfig"),
+    "prior-transformer": ("ldtok.priors.config", "PriorTransformerConfig"),
+}
+
+
 def _keys(args: argparse.Namespace) -> int:
     from ldtok.config import describe
-    from ldtok.training import RunConfig
 
-    print(describe(RunConfig))
+    names = list(CONFIGS) if args.config == "all" else [args.config]
+    for name in names:
+        module_name, class_name = CONFIGS[name]
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if len(names) > 1:
+            print(f"# {name} ({class_name})")
+        print(describe(cls))
     return 0
 
 
@@ -68,7 +82,10 @@ def _main(argv: list[str]) -> int:
                         help="show the traceback of a failure (as LDTOK_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, which perceptual networks work offline").set_defaults(func=_info)
-    sub.add_parser("keys", help="every training config key with its type and default").set_defaults(func=_keys)
+    keys = sub.add_parser("keys", help="every config key with its type, default and description")
+    keys.add_argument("--config", choices=[*CONFIGS, "all"], default="train",
+                      help="which script's config: train (vae.py, vq.py, the default), the priors, or all")
+    keys.set_defaults(func=_keys)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=module.__doc__,

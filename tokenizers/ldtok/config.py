@@ -7,13 +7,16 @@ Every key must exist and every value must have the declared type; a mistake is a
 :class:`ConfigError` that names the dotted key. Nothing is silently defaulted or ignored.
 
 A dataclass may declare presets with a class attribute ``presets: ClassVar[dict[str, dict]]``; a ``preset: NAME`` key in
-its section then fills in that preset's values first, and the section's other keys override them.
+its section then fills in that preset's values first, and the section's other keys override them. A dataclass may
+declare ``inherit: ClassVar[dict[str, str]]`` (child section -> parent section): a child section that is given starts
+from every key of its parent (``RunConfig``'s ``val_data`` inherits ``data``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -96,6 +99,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if name not in presets:
             raise ConfigError(f"{prefix}preset: unknown preset {name!r} (known: {', '.join(sorted(presets))})")
         data = _deep_merge(presets[name], data)
+    for child, parent in getattr(cls, "inherit", {}).items():
+        # e.g. RunConfig's val_data: every key of `data`, overridden only where the child section gives one
+        if isinstance(data.get(child), dict) and isinstance(data.get(parent, {}), dict):
+            data[child] = _deep_merge(data.get(parent) or {}, data[child])
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -126,20 +133,89 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> str:
-    """One line per key: `dotted.key: type = default`."""
+def describe(cls: type, prefix: str = "", *, inherits_from: str | None = None) -> str:
+    """One line per key: `dotted.key: type = default  # description`, the description being the first sentence of
+    the key's entry in its dataclass's docstring `Args:` section. Optional sections (`val_data`) are expanded too;
+    a section that inherits another (`RunConfig.inherit`) shows `inherits <parent>.<key>` as its default."""
     lines = []
     hints = get_type_hints(cls)
+    docs = arg_descriptions(cls)
+    inherit = getattr(cls, "inherit", {})
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(describe(tp, prefix + f.name + "."))
+        section = _section_type(tp)
+        if section is not None:
+            if section is not tp:  # optional: say what leaving it out means, then its keys
+                lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {_default(f)!r}{_comment(docs.get(f.name))}")
+            parent = inherit.get(f.name)
+            lines.append(describe(section, prefix + f.name + ".", inherits_from=prefix + parent if parent else None))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
-        )
-        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default!r}")
+        default = f"inherits {inherits_from}.{f.name}" if inherits_from else repr(_default(f))
+        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default}{_comment(docs.get(f.name))}")
     return "\n".join(lines)
+
+
+def arg_descriptions(cls: type) -> dict[str, str]:
+    """`name -> first sentence` of each entry of `cls`'s docstring `Args:` section (diffusers style:
+    `name (`type`, ...): text`, continued on more-indented lines; `a, b: text` documents two names)."""
+    doc = cls.__doc__ or ""
+    lines = doc.expandtabs().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if start is None:
+        return {}
+    entries: list[tuple[list[str], list[str]]] = []
+    indent = None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        level = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = level
+        if level < indent:
+            break
+        match = _ARG_LINE.match(line.strip()) if level == indent else None
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            entries.append((names, [match.group(3)]))
+        elif entries:
+            entries[-1][1].append(line.strip())
+    out = {}
+    for names, text in entries:
+        sentence = _first_sentence(" ".join(text))
+        out.update({name: sentence for name in names})
+    return out
+
+
+_ARG_LINE = re.compile(r"^([A-Za-z_][\w]*(?:\s*,\s*[A-Za-z_][\w]*)*)\s*(\(.*?\))?\s*:\s*(.*)$")
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    match = re.search(r"(?<!e\.g\.)(?<!i\.e\.)(?<!al\.)(?<!vs\.)(?<=[.;])\s", text)
+    return text[: match.start()].rstrip(".;") if match else text.rstrip(".")
+
+
+def _comment(text: str | None) -> str:
+    return f"  # {text}" if text else ""
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "required"
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a (possibly optional) config section, else `None`."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        classes = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        if len(classes) == 1:
+            return classes[0]
+    return None
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +268,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):  # a section: its own error names the key
+                return _convert(arg, value, key)
             try:
                 return _convert(arg, value, key)
             except ConfigError:

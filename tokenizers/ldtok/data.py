@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .errors import LdtokError
+from .splits import Holdout, apply_holdout
 
 logger = logging.getLogger("ldtok.data")
 
@@ -70,6 +71,11 @@ class DataConfig:
         cache_dir (`str`, *optional*): HF datasets cache directory (defaults to HF's own, `HF_DATASETS_CACHE`).
         channels (`int`, 1 or 3, defaults to 3): image channels of the tensors: 3 (RGB) or 1 (greyscale, PIL's `L`
             conversion of the RGB image); must equal the model's `in_channels`.
+        val_fraction (`float`, defaults to 0.05): when the dataset has no validation split, this fraction of its
+            images (chosen by a hash of their ids, see `ldtok.splits`) is held out of training for validation; 0 turns
+            the holdout off.
+        shuffle_buffer (`int`, defaults to 1000): streaming training data is shuffled with a buffer of this many
+            samples (and a shuffled shard order), seeded by the run's seed and the epoch; 0 disables it.
     """
 
     source: Literal["default", "folder", "hf", "webdataset", "digits"] = "default"
@@ -89,12 +95,18 @@ class DataConfig:
     max_samples: int | None = None
     cache_dir: str | None = None
     channels: int = 3
+    val_fraction: float = 0.05
+    shuffle_buffer: int = 1000
 
     def __post_init__(self):
-        if self.channels not in (1, 3):
-            from .config import ConfigError
+        from .config import ConfigError
 
+        if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 (greyscale) or 3 (RGB), got {self.channels!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -334,6 +346,11 @@ class IterableImageDataset(_EpochSeeded, IterableDataset):
         self.split = split
         self.seed = seed
 
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.hf_dataset, "set_epoch"):  # HF's shuffle: seed + epoch, so every epoch has its own order
+            self.hf_dataset.set_epoch(self.epoch)
+
     def __iter__(self):
         worker = get_worker_info()
         prefix = self.split
@@ -345,7 +362,8 @@ class IterableImageDataset(_EpochSeeded, IterableDataset):
             yield self.processor(row, row_id=f"{prefix}/{index}", generator=self._generator(worker_id, index))
 
 
-def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> ImageDataset | IterableImageDataset:
+def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0, holdout: Holdout | None = None
+                  ) -> ImageDataset | IterableImageDataset:
     """Build the dataset that `config` describes.
 
     Args:
@@ -353,7 +371,9 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
         train (`bool`, defaults to `True`): training transforms (`config.crop`, `config.flip`); `False` gives the
             deterministic evaluation / encoding transform (center crop, no flip) whatever the config says.
         seed (`int`, defaults to 0): seeds the random crops and flips, with the epoch (`dataset.set_epoch`) and the
-            sample index.
+            sample index; and, with `train=True`, a streaming dataset's shuffle (`config.shuffle_buffer`).
+        holdout (`"exclude"` or `"only"`, *optional*): drop the `config.val_fraction` validation holdout, or keep only
+            it (see `ldtok.splits`); applied before `max_samples`.
 
     Returns:
         A map-style `ImageDataset` (with `__len__`), or an `IterableImageDataset` when `config.streaming`. Items are
@@ -400,8 +420,13 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0) -> I
         raise DataError(f"unknown data.source {config.source!r}; expected default, folder, hf, webdataset or digits")
 
     ds = _prepare_columns(ds, config)
+    if holdout is not None:
+        ds = apply_holdout(ds, holdout=holdout, fraction=config.val_fraction, id_from=id_from,
+                           image_column=config.image_column, root=root, streaming=config.streaming)
     if config.max_samples is not None:
         ds = ds.take(config.max_samples) if config.streaming else ds.select(range(min(config.max_samples, len(ds))))
+    if config.streaming and train and config.shuffle_buffer > 0:
+        ds = ds.shuffle(seed=seed, buffer_size=config.shuffle_buffer)
     transform = ImageTransform(
         resolution=config.resolution,
         random_crop=train and config.crop == "random",

@@ -5,8 +5,9 @@
 
 - `"lpips-vgg"`: LPIPS v0.1 (Zhang et al. 2018, the `lpips` package) on torchvision's ImageNet VGG16 (relu1_2 ...
   relu5_3) with the trained linear heads shipped in the `lpips` wheel. The perceptual loss of taming's VQGAN and LDM's
-  KL-VAEs. The backbone is torchvision's `vgg16-397923af.pth`, which must already be in the torch hub cache.
-- `"lpips-alex"`: LPIPS v0.1 on torchvision's ImageNet AlexNet (`alexnet-owt-7be5be79.pth`, also from the hub cache);
+  KL-VAEs. The backbone is torchvision's `vgg16-397923af.pth`, loaded the normal torchvision way (the torch hub cache,
+  downloaded there on first use when the network allows).
+- `"lpips-alex"`: LPIPS v0.1 on torchvision's ImageNet AlexNet (`alexnet-owt-7be5be79.pth`, also through the hub cache);
   the better *metric* of the two according to the LPIPS authors, a weaker training loss.
 - `"stlpips-vgg"`: ShiftTolerant-LPIPS (Ghildyal & Liu, ECCV 2022, the `stlpips_pytorch` package): VGG16 made
   anti-aliased (stride-1 max pool followed by a reflect-padded 3x3 binomial blur-pool), backbone and linear heads all
@@ -15,10 +16,12 @@
   `weights/vST0.0/alex_shift_tolerant.pth`). Fully offline.
 - `"none"`: no perceptual term (`build_perceptual` returns `None`).
 
-Nothing here downloads: the LPIPS backbones are read from the hub cache (`torch.hub.get_dir()/checkpoints`) or a
-`RuntimeError` says which file to put there. The shift-tolerant networks are rebuilt here (the package's own modules
-import IPython and torchsummary at import time, which are not dependencies) with the same module names, so the shipped
-state dicts load with `strict=True`; `tests/test_losses.py` checks the outputs against the package's implementation.
+The LPIPS backbones come from the torch hub cache (`torch.hub.get_dir()/checkpoints`, i.e.
+`$TORCH_HOME/hub/checkpoints`), downloaded by torchvision when missing; offline, `PerceptualWeightsUnavailable` (an
+`LdtokError`) says in one line which file to put in which directory. The shift-tolerant networks are rebuilt here
+(the package's own modules import IPython and torchsummary at import time, which are not dependencies) with the
+same module names, so the shipped state dicts load with `strict=True`; `tests/test_losses.py` checks the outputs
+against the package's implementation.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import LdtokError
 
 PERCEPTUAL_NETS = ("lpips-vgg", "lpips-alex", "stlpips-vgg", "stlpips-alex", "none")
 
@@ -65,7 +70,7 @@ class PerceptualDistance(nn.Module):
 
 
 def build_perceptual(net: str, *, random_init: bool = False) -> PerceptualDistance | None:
-    """Build a frozen perceptual distance by name (see the module docstring), without any download.
+    """Build a frozen perceptual distance by name (see the module docstring).
 
     Args:
         net (`str`): one of `"lpips-vgg"`, `"lpips-alex"`, `"stlpips-vgg"`, `"stlpips-alex"`, `"none"`.
@@ -76,7 +81,8 @@ def build_perceptual(net: str, *, random_init: bool = False) -> PerceptualDistan
         `PerceptualDistance` (frozen, eval mode), or `None` for `"none"`.
 
     Raises:
-        `RuntimeError`: an `lpips-*` backbone is not in the torch hub cache (names the file and where to put it).
+        `PerceptualWeightsUnavailable`: an `lpips-*` backbone is neither in the torch hub cache nor downloadable (the
+            one-line message names the file and the directory).
     """
     if net == "none":
         return None
@@ -97,32 +103,37 @@ def _torchvision_weights_url(arch: str) -> str:
     return weights.url
 
 
+class PerceptualWeightsUnavailable(LdtokError, RuntimeError):
+    """An LPIPS backbone is neither in the torch hub cache nor downloadable (a `RuntimeError` too, for callers that
+    report unavailable metrics instead of failing)."""
+
+
 def _build_lpips(arch: str, random_init: bool) -> nn.Module:
     import lpips
 
-    if not random_init:
-        url = _torchvision_weights_url(arch)
-        file_name = os.path.basename(urlparse(url).path)
-        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-        path = checkpoints / file_name
-        message = (
-            f"perceptual network 'lpips-{arch}' needs torchvision's ImageNet backbone {file_name}, which is not "
-            f"available and is never downloaded at run time. Put it at {path} (the torch hub cache, "
-            f"torch.hub.get_dir()/checkpoints, moved by $TORCH_HOME), e.g. on a machine with network: "
-            f"curl -L -o {path} {url}. Or use 'stlpips-{arch}', whose weights ship with the stlpips_pytorch package "
-            f"and work offline."
-        )
-        if not path.is_file():
-            raise RuntimeError(message)
     with warnings.catch_warnings():
         # lpips calls torchvision's deprecated `pretrained=` argument.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\..*")
+        if random_init:
+            return lpips.LPIPS(net=arch, pnet_rand=True, verbose=False)
         try:
-            return lpips.LPIPS(net=arch, pnet_rand=random_init, verbose=False)
-        except Exception as error:  # a corrupt or partial cache file: same advice, with the cause attached
-            if random_init:
-                raise
-            raise RuntimeError(f"{message} (loading failed with: {error!r})") from error
+            # torchvision's normal loading: torch.hub.load_state_dict_from_url reads the hub cache, else downloads.
+            return lpips.LPIPS(net=arch, pnet_rand=False, verbose=False)
+        except Exception as error:  # offline, or a corrupt or partial cache file
+            raise PerceptualWeightsUnavailable(_lpips_weights_message(arch, error)) from error
+
+
+def _lpips_weights_message(arch: str, error: BaseException) -> str:
+    url = _torchvision_weights_url(arch)
+    file_name = os.path.basename(urlparse(url).path)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    cause = " ".join(f"{type(error).__name__}: {error}".split())
+    what = f"loading failed with {cause}" if path.is_file() else f"downloading it from {url} failed ({cause})"
+    return (
+        f"perceptual network 'lpips-{arch}' needs torchvision's ImageNet backbone {file_name} in {path.parent} "
+        f"($TORCH_HOME/hub/checkpoints, see torch.hub.get_dir()) and {what}; on a machine with network run "
+        f"curl -L -o {path} {url}, or use 'stlpips-{arch}' (weights ship with the stlpips_pytorch package, offline)"
+    )
 
 
 # ------------------------------------------------------------------------------------- ShiftTolerant-LPIPS

@@ -13,9 +13,9 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -44,9 +44,12 @@ from .guard import NonFiniteGuard
 from .images import make_grid, save_image_atomic
 from .losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from .meters import ThroughputMeter, peak_memory_mib
+from .model_card import write_model_card
 from .models import ModelConfig, build_model
 from .performance import adamw, enable_tf32, memory_format, resolve_mixed_precision
 from .run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
+from .splits import ValidationPlan, plan_validation
+from .trackers import hparams, log_images, resolve_report_to
 from .validation import calibrate_latent_scale, validate
 
 logger = logging.getLogger("ldtok.training")
@@ -88,8 +91,12 @@ class TrainConfig:
         val_every (`int`): compute validation metrics every this many steps (and at the end); 0: only at the end.
         val_images (`int`): validation images used for metrics.
         grid_images (`int`): images in the reconstruction grid.
-        report_to (`"auto"`, `"tensorboard"` or `"none"`): Accelerate tracker; `auto` uses TensorBoard when installed.
-            Metrics are always also appended to `output_dir/metrics.jsonl`.
+        report_to (`str`): Accelerate trackers, comma-separated (`tensorboard`, `wandb`, `mlflow`, ...), `all`,
+            `none`, or `auto` (TensorBoard when installed); each gets the scalars, the resolved config as
+            hyperparameters and the reconstruction grids (`ldtok.trackers`). Metrics are always also appended to
+            `output_dir/metrics.jsonl`.
+        push_to_hub (`bool`): upload `final/` (with its model card) to the Hub at the end of training.
+        hub_repo_id (`str`, *optional*): the Hub repository (`user/name`) for `push_to_hub`.
     """
 
     max_steps: int = 1000
@@ -116,7 +123,9 @@ class TrainConfig:
     val_every: int = 0
     val_images: int = 64
     grid_images: int = 8
-    report_to: Literal["auto", "tensorboard", "none"] = "auto"
+    report_to: str = "auto"
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
 
     def __post_init__(self):
         self.adam_betas = list(self.adam_betas)
@@ -125,6 +134,9 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        resolve_report_to(self.report_to)  # an unknown or uninstalled tracker is a ConfigError at load time
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ConfigError("train.push_to_hub needs train.hub_repo_id (user/name)")
 
 
 @dataclass
@@ -134,9 +146,12 @@ class RunConfig:
     Args:
         output_dir (`str`): where checkpoints, grids, logs and `final/` go.
         resume (`str`, *optional*): `latest` (the newest checkpoint in `output_dir`, if any) or a checkpoint path.
-        val_data (`DataConfig`, *optional*): validation images; by default the embedded dataset's validation split
-            when training on it, else the training data with deterministic transforms.
+        val_data (`DataConfig`, *optional*): validation images; it inherits every key of `data` and overrides only the
+            keys it gives (`val_data.split=test`). By default the dataset's validation split when it has one, else a
+            deterministic `data.val_fraction` holdout, excluded from training (`ldtok.splits`).
     """
+
+    inherit: ClassVar[dict[str, str]] = {"val_data": "data"}
 
     output_dir: str = "runs/default"
     resume: str | None = None
@@ -217,17 +232,17 @@ def weights_checksum(*models: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _validation_config(config: RunConfig) -> DataConfig:
-    if config.val_data is not None:
-        return config.val_data
-    if config.data.source in ("default", "digits"):  # the embedded sets have a validation split
-        return replace(config.data, split="validation")
-    return config.data
+def _validation_config(config: RunConfig) -> ValidationPlan:
+    """Where validation images come from, and whether training must exclude a holdout (`ldtok.splits`)."""
+    plan = plan_validation(config.data, config.val_data)
+    logger.info("validation data: %s", plan.reason)
+    return plan
 
 
-def _load_images(data: DataConfig, n: int) -> torch.Tensor:
-    """The first `n` decodable images of `data`, deterministic transforms: `(n, 3, R, R)`."""
-    dataset = build_dataset(data, train=False)
+def _load_images(data: DataConfig, n: int, holdout: bool = False) -> torch.Tensor:
+    """The first `n` decodable images of `data` (of its holdout only, if `holdout`), deterministic transforms:
+    `(n, 3, R, R)`."""
+    dataset = build_dataset(data, train=False, holdout="only" if holdout else None)
     images = []
     for sample in dataset:
         if "pixel_values" in sample:
@@ -235,8 +250,9 @@ def _load_images(data: DataConfig, n: int) -> torch.Tensor:
         if len(images) == n:
             break
     if not images:
-        raise DataError(f"the validation data ({data.source} {data.path or data.name or data.split}) has no decodable "
-                        "image; set val_data or check the data")
+        where = f"source {data.source!r}, split {data.split!r}" + (", its val_fraction holdout" if holdout else "")
+        raise DataError(f"the validation data ({where}) has no decodable image: set val_data (e.g. val_data.path=DIR) "
+                        "or raise data.val_fraction")
     return torch.stack(images)
 
 
@@ -247,31 +263,24 @@ def train(config: RunConfig) -> dict:
     factor = downsample_factor(config.model.block_out_channels, config.model.init_from)
     if config.model.type == "mlp":  # the whole image is one latent position
         for key, value in {"data.resolution": config.data.resolution,
-                           "val_data.resolution": _validation_config(config).resolution}.items():
+                           "val_data.resolution": _validation_config(config).validation.resolution}.items():
             if value != config.model.sample_size:
                 raise ConfigError(f"{key}={value}: an mlp model takes images of model.sample_size="
                                   f"{config.model.sample_size}; set both to the same size")
         factor = config.model.sample_size
     check_resolution(model_type=config.model.type, downsample_factor=factor,
                      resolutions={"data.resolution": config.data.resolution,
-                                  "val_data.resolution": _validation_config(config).resolution})
+                                  "val_data.resolution": _validation_config(config).validation.resolution})
     if config.resume is None and step_dirs(out):
         raise LdtokError(f"{out} already holds checkpoints of a run: pass resume=latest to continue it, or choose "
                          "another output_dir (or delete it) to start afresh")
-    report_to = tc.report_to
-    if report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-
-            report_to = "tensorboard"
-        except ImportError:
-            report_to = "none"
+    report_to = resolve_report_to(tc.report_to)
     device = PartialState().device  # Accelerate's device, before the Accelerator (which takes the precision)
     enable_tf32(device)
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
-        log_with=None if report_to == "none" else report_to,
+        log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
@@ -283,8 +292,8 @@ def train(config: RunConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out)  # of an interrupted checkpoint write, rotation or final export
         save_config(config, out / "config.yaml")
-    if report_to != "none":
-        accelerator.init_trackers("ldtok", config={"output_dir": str(out)})
+    if report_to:
+        accelerator.init_trackers("ldtok", config=hparams(config))
 
     # Build: models, loss, optimizers, data.
     fmt = memory_format(tc.channels_last)
@@ -296,8 +305,10 @@ def train(config: RunConfig) -> dict:
     betas = tuple(tc.adam_betas)
     opt_g = adamw(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)
     opt_d = adamw(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)
+    validation = _validation_config(config)
     with accelerator.main_process_first():  # the embedded dataset is built once, by the main process
-        dataset = build_dataset(config.data, train=True, seed=tc.seed)
+        dataset = build_dataset(config.data, train=True, seed=tc.seed,
+                                holdout="exclude" if validation.holdout else None)
     iterable = isinstance(dataset, IterableDataset)
     if not iterable:
         check_batch_fills(num_images=len(dataset), batch_size=tc.batch_size, num_processes=accelerator.num_processes)
@@ -309,7 +320,7 @@ def train(config: RunConfig) -> dict:
         # RNG, which the posterior sampling uses
         generator=torch.Generator().manual_seed(tc.seed),
     )
-    val_images = _load_images(_validation_config(config), max(tc.val_images, tc.grid_images))
+    val_images = _load_images(validation.validation, max(tc.val_images, tc.grid_images), validation.holdout)
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema_decay else None
     if tc.compile:
         model, disc = torch.compile(model), torch.compile(disc)
@@ -349,8 +360,10 @@ def train(config: RunConfig) -> dict:
     def weights() -> dict[str, torch.nn.Module]:
         return {"model": raw_model, "discriminator": raw_disc, **({"ema": ema.model} if ema is not None else {})}
 
-    def export_model(path: Path) -> None:
+    def export_model(path: Path, latent_statistics: dict | None = None) -> None:
         (ema.model if ema is not None else raw_model).export(path)
+        write_model_card(path, run_config=config, step=state["step"], metrics=last_val,
+                         latent_statistics=latent_statistics, repo_id=tc.hub_repo_id)
 
     def write_checkpoint_extra(path: Path) -> None:
         export_model(path / "diffusers")
@@ -383,7 +396,9 @@ def train(config: RunConfig) -> dict:
                 eval_model.eval()
                 recon = eval_model(originals).sample.float()
                 eval_model.train(was_training)
-            path = save_image_atomic(make_grid([originals, recon]), out / "images" / f"step_{state['step']:08d}.png")
+            grid = make_grid([originals, recon])
+            path = save_image_atomic(grid, out / "images" / f"step_{state['step']:08d}.png")
+            log_images(accelerator, "reconstructions", grid, state["step"])
             result["grid"] = str(path)
         return result
 
@@ -496,8 +511,12 @@ def train(config: RunConfig) -> dict:
         stats = calibrate_latent_scale(final_model, val_images[: tc.val_images], device=accelerator.device)
         if stats:
             summary["latent_statistics"] = stats
-        export_model(out / "final")
+        export_model(out / "final", stats)
         summary["final"] = str(out / "final")
+        if tc.push_to_hub:
+            from .hub import push_to_hub
+
+            summary["hub_url"] = push_to_hub(out / "final", tc.hub_repo_id).url
         if not (finished and (out / "summary.json").is_file()):
             write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     accelerator.end_training()

@@ -11,19 +11,24 @@ from pathlib import Path
 
 from diffusers import ModelMixin
 
+from ..model_card import CARD_NAME, render_model_card
+
 
 def save_pretrained_atomic(model: ModelMixin, path: str | os.PathLike, *, extra_files: dict[str, str] | None = None
                            ) -> Path:
     """`model.save_pretrained(path)` (safetensors) through a temporary directory and a rename.
 
     An existing directory at `path` is replaced only once the new one is complete. `extra_files` (name -> text) are
-    written into the directory too (e.g. `ldtok.json`, what diffusers' config has no key for).
+    written into the directory too (e.g. `ldtok.json`, what diffusers' config has no key for), after a minimal model
+    card `README.md` (`ldtok.model_card`), which `extra_files` may replace.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    # A minimal model card from config.json; the trainer rewrites it with the run's data, steps and metrics.
+    (tmp / CARD_NAME).write_text(render_model_card(json.loads((tmp / "config.json").read_text())))
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     old = None
