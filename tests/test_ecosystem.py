@@ -276,6 +276,15 @@ def test_a_run_logs_scalars_hparams_and_images_to_tensorboard_and_wandb_and_card
     assert read_front_matter(out / "final" / "README.md")["library_name"] == "diffusers"
     assert "optimizer steps: 2" in final and "| psnr |" in final and "latent std" in final
     assert (out / "checkpoints" / "step_00000002" / "diffusers" / "README.md").is_file()
+    # a checkpoint loads by its own path and carries its measured scale (step 2 = final's weights: the same scale)
+    from diffusers import AutoencoderKL
+
+    from ldtok.models import load_tokenizer
+
+    checkpoint = out / "checkpoints" / "step_00000002"
+    assert load_tokenizer(checkpoint).kind == "kl"
+    scale = AutoencoderKL.load_config(checkpoint / "diffusers")["scaling_factor"]
+    assert scale != 0.18215 and scale == pytest.approx(AutoencoderKL.load_config(out / "final")["scaling_factor"])
 
 
 def _wandb_records(path: Path) -> dict[str, list[dict]]:

@@ -366,7 +366,10 @@ def train(config: RunConfig) -> dict:
                          latent_statistics=latent_statistics, repo_id=tc.hub_repo_id)
 
     def write_checkpoint_extra(path: Path) -> None:
-        export_model(path / "diffusers")
+        # the checkpoint's own latent scale, measured as for final/ (not SD's 0.18215 default)
+        stats = calibrate_latent_scale(ema.model if ema is not None else raw_model, val_images[: tc.val_images],
+                                       device=accelerator.device)
+        export_model(path / "diffusers", latent_statistics=stats)
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, path / "ema.safetensors")
         if loss_fn.state_dict():

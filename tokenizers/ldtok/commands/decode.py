@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ldtok.errors import LdtokError
+from ldtok.models.loading import checkpoint_model_dir
 from ldtok.models.shapes import check_resolution
 
 SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise LdtokError(f"{shard_dir}: {problems[0]}")
     kind = manifest["kind"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_dir = Path(args.model).expanduser().resolve()
+    model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
     model = load_tokenizer(model_dir, device=device)
     check_same_model(model, model_dir, manifest, shard_dir, force=args.force)
     resolution = manifest["metadata"].get("resolution")

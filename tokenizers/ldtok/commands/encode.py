@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error, data_config_from_args
 from ldtok.commands.encode_resume import check_existing_run, remove_encoded_files
 from ldtok.errors import LdtokError
+from ldtok.models.loading import checkpoint_model_dir
 from ldtok.models.shapes import check_resolution
 from ldtok.performance import bf16_supported, memory_format
 
@@ -288,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     # accelerate's PartialState() ignores ACCELERATE_USE_CPU and, without CUDA, sees torchrun's ranks as one process
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     rank, world_size, device = state.process_index, state.num_processes, state.device
-    out_dir, model_dir = Path(args.out), Path(args.model).expanduser().resolve()
+    out_dir, model_dir = Path(args.out), checkpoint_model_dir(Path(args.model).expanduser().resolve())
 
     model = load_tokenizer(str(model_dir), device=device)
     model_sha256 = tokenizer_sha256(model_dir)

@@ -32,6 +32,7 @@ from pathlib import Path
 from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error, data_config_from_args
 from ldtok.errors import LdtokError
 from ldtok.evaluation import PERCEPTUAL_DEFAULT
+from ldtok.models.loading import checkpoint_model_dir
 
 DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation",
                  "digits": "validation"}
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise LdtokError(f"--perceptual: unknown network(s) {unknown}; choose from {list(PERCEPTUAL_DEFAULT)}")
     accelerator = Accelerator(cpu=args.cpu)
-    model_dir = Path(args.model).expanduser().resolve()
+    model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
     model = load_tokenizer(str(model_dir), device=accelerator.device)
     config = data_config_from_args(
         args, split=args.split or DEFAULT_SPLIT[args.data_source],

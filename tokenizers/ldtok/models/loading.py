@@ -86,7 +86,7 @@ def tokenizer_sha256(path: str | os.PathLike) -> str:
     (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`) and ldtok's sidecar files. Two directories with the same hash compute
     the same latents; a checkpoint of another step, or a fine-tuned copy, does not have it.
     """
-    path = Path(path)
+    path = checkpoint_model_dir(Path(path))
     h = hashlib.sha256(config_sha256(_read_config(_config_file(path))).encode())
     files = sorted(p for p in path.iterdir()
                    if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in SIDECAR_NAMES))
@@ -107,9 +107,17 @@ def tokenizer_in_channels(model: nn.Module) -> int:
     return 3
 
 
+def checkpoint_model_dir(path: Path) -> Path:
+    """`path/diffusers` when `path` is a training checkpoint (no `config.json`, a `diffusers/` export in it)."""
+    if not (path / "config.json").exists() and (path / "diffusers" / "config.json").is_file():
+        return path / "diffusers"
+    return path
+
+
 def load_tokenizer(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
-    """Load the tokenizer saved at `path` (see the module docstring), in eval mode on `device`."""
-    path = Path(path)
+    """Load the tokenizer saved at `path` (see the module docstring), in eval mode on `device`. `path` may also be a
+    training checkpoint (`output_dir/checkpoints/step_XXXXXXXX`): its `diffusers/` export is loaded."""
+    path = checkpoint_model_dir(Path(path))
     config_file = _config_file(path)
     config = _read_config(config_file)
     try:
