@@ -164,3 +164,15 @@ def test_eval_report_has_colour_metrics_and_histogram_picture(tmp_path):
     assert (tmp_path / "chroma_histogram.png").is_file()
     html = paths["html"].read_text()
     assert 'data-key="val/chroma_ratio"' in html and 'alt="chroma_histogram"' in html
+
+
+def test_default_dataset_v2_adds_every_wheel_photo_and_keeps_v1_buildable():
+    from ldtok import default_dataset as dd
+
+    assert dd.DATASET_NAME == "default-v2"
+    v1, v2 = dd.DATASETS["default-v1"], dd.DATASETS["default-v2"]
+    assert set(v1) < set(v2) and {("sklearn", "china.jpg"), ("sklearn", "flower.jpg")} <= set(v2)
+    for package, file in v2:
+        assert (dd.package_data_dir(package) / file).is_file(), f"{package} does not ship {file}"
+    with pytest.raises(ValueError, match="unknown default dataset"):
+        dd.default_dataset_dir(name="default-v0")
