@@ -218,12 +218,13 @@ def test_default_dataset_is_deterministic_disjoint_and_race_safe(tmp_path, monke
     manifest_b = _build_in(tmp_path / "b")
     outputs = [p.communicate(timeout=120)[0].strip() for p in racers]
     assert all(p.returncode == 0 for p in racers)
-    assert outputs == [str(tmp_path / "a" / "default-v1")] * 2
-    assert os.listdir(tmp_path / "a") == ["default-v1"], "a temporary build directory was left behind"
+    name = default_dataset.DATASET_NAME
+    assert outputs == [str(tmp_path / "a" / name)] * 2
+    assert os.listdir(tmp_path / "a") == [name], "a temporary build directory was left behind"
     manifest_a = _build_in(tmp_path / "a")
     assert manifest_a == manifest_b
 
-    root = tmp_path / "a" / "default-v1"
+    root = tmp_path / "a" / name
     files = manifest_a["files"]
     assert len(list((root / "train").glob("*.png"))) == default_dataset.NUM_TRAIN == 512
     assert len(list((root / "validation").glob("*.png"))) == default_dataset.NUM_VALIDATION == 64
@@ -251,7 +252,7 @@ def test_default_dataset_is_deterministic_disjoint_and_race_safe(tmp_path, monke
 def test_default_dataset_uses_the_winner_when_losing_the_rename_race(tmp_path, monkeypatch):
     final = tmp_path / default_dataset.DATASET_NAME
 
-    def build_while_another_process_wins(out_dir):
+    def build_while_another_process_wins(out_dir, *, name):
         (Path(out_dir) / "manifest.json").write_text("{}")
         final.mkdir()  # the other process renames its complete build into place first
         (final / "manifest.json").write_text('{"winner": true}')

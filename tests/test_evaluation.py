@@ -151,7 +151,7 @@ def test_perfect_model_gives_capped_psnr_ssim_one_zero_distance_and_zero_fid(acc
     lpips = next(m for m in result.metrics if m.key == "val/lpips-vgg")
     if lpips.value is None:  # no torchvision VGG16 in the hub cache: reported, not dropped
         assert lpips.detail.startswith("not run: ") and "vgg16" in lpips.detail
-    assert set(result.pictures) == {"reconstructions"}  # no latent space: no interpolation, no prior samples
+    assert set(result.pictures) == {"reconstructions", "chroma_histogram"}  # no latent space: no interpolations
 
 
 def test_fid_off_and_missing_weights_are_reported_not_dropped(accelerator):
@@ -177,14 +177,14 @@ def test_kl_model_report_files(tmp_path, accelerator):
     assert result.collapsed_channels == [c for c, v in enumerate(result.kl_per_channel) if v < 0.01]
     assert 0 < result.value("val/psnr") < PSNR_CAP and result.value("val/rfid") > 0
     assert set(result.pictures) == {"reconstructions", "interpolations", "prior_samples", "latent_traversals",
-                                    "latent_arithmetic"}  # the last two: ldtok.latent_tools
+                                    "latent_arithmetic", "chroma_histogram"}  # traversals, arithmetic: latent_tools
 
     paths = write_report(result, tmp_path / "report", model={"path": "kl", "kind": "kl", "config_sha256": "x"},
                          dataset={"source": "test"})
     report = json.loads(paths["json"].read_text())
     html = parse_html(paths["html"])
     pngs = [base64.b64decode(src.removeprefix("data:image/png;base64,")) for src in html.imgs]
-    assert len(pngs) == 5 and all(src.startswith("data:image/png;base64,") for src in html.imgs)
+    assert len(pngs) == 6 and all(src.startswith("data:image/png;base64,") for src in html.imgs)
     sizes = [Image.open(io.BytesIO(png)).size for png in pngs]
     assert sizes[0] == Image.open(paths["reconstructions"]).size
     assert sizes[1] == (2 + 7 * 34, 2 + 2 * 34)  # 2 rows of original + 5 steps + original, 32 px and padding 2

@@ -1,11 +1,12 @@
 """The embedded default dataset: real photos that arrive with pip.
 
-scikit-image ships a handful of colour photographs inside its wheel (`skimage/data/*.png|jpg`). We cut them into
-fixed 128x128 crops so every install can train and evaluate a tokenizer end to end with no download: 512 training
-crops and 64 validation crops, written once into a local cache directory:
+scikit-image ships a handful of colour photographs inside its wheel (`skimage/data/*.png|jpg`), scikit-learn two more
+(`sklearn/datasets/images/china.jpg`, `flower.jpg`, what `load_sample_images` reads). We cut them into fixed 128x128
+crops so every install can train and evaluate a tokenizer end to end with no download: 512 training crops and 64
+validation crops, written once into a local cache directory:
 
 ```
-<cache>/default-v1/
+<cache>/default-v2/
     train/0000_astronaut.png ...
     validation/0000_astronaut.png ...
     manifest.json        # source images (sha256, size), every crop's source, box and sha256
@@ -15,8 +16,14 @@ The crops are deterministic: positions and scales come from a seeded numpy `Gene
 Pillow / zlib) are byte-identical. Training and validation crops never overlap: each photo is split into a left
 region (training crops only) and a right strip (validation crops only).
 
-The source files are read by path from the installed package; we never call `skimage.data.*` (those functions may
+The source files are read by path from the installed packages; we never call `skimage.data.*` (those functions may
 fetch missing files with pooch, and nothing here may touch the network).
+
+Versions (`DATASETS`): `default-v1` had only the 7 scikit-image photos, mostly warm-toned (a cat, coffee, a red
+motorcycle, a stained tissue section, an orange-suited astronaut): tiny tokenizers trained on it drift white and grey
+towards red-brown (issue 15, `eval/ablate_colour.py`). `default-v2`, the default, adds scikit-learn's two photos (a
+blue-sky temple among green trees, a pink flower on green), which are every other colour photo in a wheel we depend
+on. A new version gets a new directory name, so a cache of an older one is never reused.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DATASET_NAME = "default-v1"
+DATASET_NAME = "default-v2"
 CROP_SIZE = 128
 NUM_TRAIN = 512
 NUM_VALIDATION = 64
@@ -46,15 +53,23 @@ SPLIT_SEEDS = {"train": 0, "validation": 1}
 # Colour photographs whose files ship inside the scikit-image wheel. Not included: synthetic images (chessboard,
 # colour wheel, phantom, logo), greyscale photos, `motorcycle_right` (the stereo twin of `motorcycle_left` would leak
 # content between splits) and `retina` (mostly black background).
-SOURCE_IMAGES = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "hubble_deep_field.jpg",
-    "ihc.png",
-    "motorcycle_left.png",
-    "rocket.jpg",
+SKIMAGE_PHOTOS = (
+    ("skimage", "astronaut.png"),
+    ("skimage", "chelsea.png"),
+    ("skimage", "coffee.png"),
+    ("skimage", "hubble_deep_field.jpg"),
+    ("skimage", "ihc.png"),
+    ("skimage", "motorcycle_left.png"),
+    ("skimage", "rocket.jpg"),
 )
+# scikit-learn's sample images (`sklearn.datasets.load_sample_images`); its other image data are greyscale faces
+# fetched from the network.
+SKLEARN_PHOTOS = (("sklearn", "china.jpg"), ("sklearn", "flower.jpg"))
+# dataset name -> its source photos as (package, file); the package's data folder is `PACKAGE_DATA_DIRS`.
+DATASETS = {"default-v1": SKIMAGE_PHOTOS, "default-v2": SKIMAGE_PHOTOS + SKLEARN_PHOTOS}
+PACKAGE_DATA_DIRS = {"skimage": ("data",), "sklearn": ("datasets", "images")}
+PACKAGE_PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
+SOURCE_IMAGES = tuple(name for _, name in DATASETS[DATASET_NAME])
 
 
 def cache_root() -> Path:
@@ -62,15 +77,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("LDTOK_CACHE_DIR", Path.home() / ".cache" / "ldtok")).expanduser()
 
 
-def skimage_data_dir() -> Path:
-    """The `data/` folder of the installed scikit-image package, found without importing (or executing) it."""
-    spec = importlib.util.find_spec("skimage")
+def package_data_dir(package: str) -> Path:
+    """The folder holding the photos of an installed package (`"skimage"`, `"sklearn"`), found without importing
+    (or executing) it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("scikit-image is required to build the default dataset (pip install scikit-image)")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+        pip_name = PACKAGE_PIP_NAMES[package]
+        raise ModuleNotFoundError(f"{pip_name} is required to build the default dataset (pip install {pip_name})")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*PACKAGE_DATA_DIRS[package])
 
 
-def default_dataset_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+def skimage_data_dir() -> Path:
+    """The `data/` folder of the installed scikit-image package."""
+    return package_data_dir("skimage")
+
+
+def default_dataset_dir(cache_dir: str | os.PathLike | None = None, *, name: str = DATASET_NAME) -> Path:
     """Return the directory of the default dataset, building it first if it is missing.
 
     Safe under concurrency (e.g. every rank of `accelerate launch` calling it at once): each caller builds in a
@@ -79,19 +101,22 @@ def default_dataset_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
     Args:
         cache_dir (`str` or `PathLike`, *optional*, defaults to `cache_root()`):
-            Parent directory; the dataset lives in `<cache_dir>/default-v1`.
+            Parent directory; the dataset lives in `<cache_dir>/<name>`.
+        name (`str`, defaults to `DATASET_NAME`): a key of `DATASETS` (an older version, e.g. for comparisons).
 
     Returns:
         `Path`: the dataset directory, with `train/`, `validation/` and `manifest.json`.
     """
+    if name not in DATASETS:
+        raise ValueError(f"unknown default dataset {name!r}; have {sorted(DATASETS)}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    final = root / DATASET_NAME
+    final = root / name
     if final.exists():
         return _check_complete(final)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        build_default_dataset(tmp)
+        build_default_dataset(tmp, name=name)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -111,59 +136,62 @@ def _check_complete(directory: Path) -> Path:
     return directory
 
 
-def build_default_dataset(out_dir: str | os.PathLike) -> dict:
+def build_default_dataset(out_dir: str | os.PathLike, *, name: str = DATASET_NAME) -> dict:
     """Write the crops and `manifest.json` into `out_dir` (not atomic: use `default_dataset_dir`).
 
     Args:
         out_dir (`str` or `PathLike`): an existing, empty directory.
+        name (`str`, defaults to `DATASET_NAME`): which version of the dataset (a key of `DATASETS`).
 
     Returns:
         `dict`: the manifest that was written.
     """
     out_dir = Path(out_dir)
-    data_dir = skimage_data_dir()
+    source_images = tuple(file for _, file in DATASETS[name])
     photos, sources = [], {}
-    for name in SOURCE_IMAGES:
-        path = data_dir / name
+    for package, file in DATASETS[name]:
+        path = package_data_dir(package) / file
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing: this scikit-image install does not ship {name} in its wheel "
+                f"{path} is missing: this {PACKAGE_PIP_NAMES[package]} install does not ship {file} in its wheel "
                 "(the default dataset never downloads it)"
             )
         raw = path.read_bytes()
         with Image.open(io.BytesIO(raw)) as image:
             photo = image.convert("RGB")
         photos.append(photo)
-        sources[name] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": list(photo.size)}
+        sources[file] = {"package": PACKAGE_PIP_NAMES[package], "sha256": hashlib.sha256(raw).hexdigest(),
+                         "size": list(photo.size)}
 
     files = []
     for split, count in (("train", NUM_TRAIN), ("validation", NUM_VALIDATION)):
         (out_dir / split).mkdir()
         rng = np.random.default_rng(SPLIT_SEEDS[split])
         for i in range(count):
-            name = SOURCE_IMAGES[i % len(SOURCE_IMAGES)]  # round-robin: every photo gets the same share
-            photo = photos[i % len(SOURCE_IMAGES)]
+            source = source_images[i % len(source_images)]  # round-robin: every photo gets the same share
+            photo = photos[i % len(source_images)]
             box = _sample_box(rng, *_split_region(*photo.size, split=split))
             # crop, then resize: resizing with `box=` would let the filter read pixels outside the box
             crop = photo.crop(box).resize((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS)
             buffer = io.BytesIO()
             crop.save(buffer, format="PNG", compress_level=1)  # photos barely compress: favour speed
-            rel = f"{split}/{i:04d}_{Path(name).stem}.png"
+            rel = f"{split}/{i:04d}_{Path(source).stem}.png"
             (out_dir / rel).write_bytes(buffer.getvalue())
             files.append(
                 {
                     "file": rel,
                     "split": split,
-                    "source": name,
+                    "source": source,
                     "box": list(box),
                     "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                 }
             )
 
     manifest = {
-        "name": DATASET_NAME,
+        "name": name,
         "crop_size": CROP_SIZE,
-        "origin": "scikit-image bundled sample photos (skimage/data); see the scikit-image license for their terms",
+        "origin": "sample photos bundled in the scikit-image (skimage/data) and scikit-learn (sklearn/datasets/images) "
+                  "wheels; see those packages' licenses for their terms",
         "sources": sources,
         "files": files,
     }

@@ -15,6 +15,9 @@ What is measured (numbers carry the `val/` prefix that training's validation log
   available offline is listed as not run, with the reason.
 - `val/rfid`: Frechet distance between the features of the images and of their reconstructions, with the feature
   network's name, weights sha256 and resize method stated.
+- `val/delta_e`, `val/lab_shift_l|a|b`, `val/chroma_ratio`: colour fidelity in CIELAB (`ldtok.metrics.colour`):
+  mean CIEDE2000, mean Lab shift (reconstruction - original; +a* = towards red) and reconstructed / original mean
+  chroma (1.0 = no desaturation), with the chroma histograms of the whole set as a picture.
 - VQ models: code usage, perplexity and entropy over the whole set, per level (suffix `_top` / `_bottom` for VQ-VAE-2).
 - KL models: mean KL to N(0, I) per latent channel (nats per image, summed over positions), collapsed channels, and
   the std of the posterior means before and after `scaling_factor`.
@@ -41,6 +44,7 @@ from .metrics import (
     InceptionFID,
     MetricAccumulator,
     bit_entropy,
+    chroma_histogram_picture,
     codebook_stats,
     collapsed_channels,
     fid_from_moments,
@@ -141,7 +145,10 @@ class EvalResult:
         collapsed_channels (`list[int]`, *optional*): KL models: channels below `collapse_threshold`.
         codebook (`dict[str, dict[str, float]]`, *optional*): VQ models: level name -> `codebook_stats`.
         feature_net (`dict[str, Any]`, *optional*): rFID's network: `name`, `sha256`, `resize`, `num_images`.
-        pictures (`dict[str, Picture]`): `"reconstructions"`, `"interpolations"`, `"prior_samples"` (KL only).
+        pictures (`dict[str, Picture]`): `"reconstructions"`, `"interpolations"`, `"prior_samples"` (KL only),
+            `"chroma_histogram"`.
+        chroma_histogram (`list[list[float]]`, *optional*): per-pixel chroma counts over the set, originals then
+            reconstructions, in bins of `ldtok.metrics.colour.CHROMA_BIN_WIDTH`.
         duplicates (`dict[str, int]`): repeated sample ids that were dropped, by metric (normally empty).
     """
 
@@ -156,6 +163,7 @@ class EvalResult:
     codebook: dict[str, dict[str, float]] | None = None
     feature_net: dict[str, Any] | None = None
     pictures: dict[str, Picture] = field(default_factory=dict)
+    chroma_histogram: list[list[float]] | None = None
     duplicates: dict[str, int] = field(default_factory=dict)
 
     def value(self, key: str) -> float | None:
@@ -291,6 +299,7 @@ def evaluate_tokenizer(
                 [flat.sum(1), flat.pow(2).sum(1), torch.full_like(flat[:, 0], flat.shape[1])], dim=1
             )
         acc.add_values(ids, values)
+        acc.add_colour(ids, _rgb(x), _rgb(x_rec))  # greyscale: grey RGB (chroma 0)
         for level, q, size in _quant_levels(model, out):
             acc.add_indices(f"codes/{level}", ids, q.indices, num_codes=size)
         if features is not None:
@@ -302,6 +311,11 @@ def evaluate_tokenizer(
                         fid_reason=fid_reason)
     if main:
         result.pictures = make_pictures(model, dataset, options=options, device=device, autocast=accelerator.autocast)
+        colour = gathered.colour()
+        result.pictures["chroma_histogram"] = Picture(
+            chroma_histogram_picture(colour.chroma_hist),
+            f"per-pixel chroma C* of all {colour.num_images} images: originals (grey bars) vs reconstructions (red "
+            f"outline), fraction of pixels per bin; chroma ratio {colour.chroma_ratio:.3f}")
     from .latent_tools import add_latent_tools
 
     add_latent_tools(result, model, dataset, options=options, device=device, autocast=accelerator.autocast, main=main)
@@ -387,6 +401,8 @@ def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason)
                            f"bit {int(per_bit.argmin())} (MSB = 0); near 0: a channel stuck at one sign"),
                 ]
 
+    metrics += _colour_metrics(gathered)
+
     kl_c = collapsed = None
     if gathered.ids("kl_channel"):
         kl = gathered.mean("kl_channel")  # (C,)
@@ -411,7 +427,7 @@ def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason)
     rows = []
     for sid in ids:
         v = gathered.values[sid]
-        row = {"id": sid, "mse": v["mse"], "psnr": v["psnr"], "ssim": v["ssim"]}
+        row = {"id": sid, "mse": v["mse"], "psnr": v["psnr"], "ssim": v["ssim"], "delta_e": v["colour/delta_e"]}
         row.update({name: v[name] for name in nets})
         rows.append(row)
     rows.sort(key=lambda r: (-r["mse"], r["id"]))
@@ -419,7 +435,24 @@ def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason)
         kind=kind, num_images=n, skipped=gathered.ids("skipped"), num_processes=gathered.num_processes,
         metrics=metrics, per_image=rows, kl_per_channel=kl_c, collapsed_channels=collapsed, codebook=codebook,
         feature_net=feature_info, duplicates=gathered.duplicates,
+        chroma_histogram=gathered.colour().chroma_hist.tolist(),
     )
+
+
+def _colour_metrics(gathered) -> list[Metric]:
+    """The colour-fidelity lines of the report (`ldtok.metrics.colour`)."""
+    c = gathered.colour()
+    how = f"on 8-bit images as sRGB -> CIELAB (D65, skimage rgb2lab), {c.num_images} images"
+    shift = "mean over images of (reconstruction - original) mean"
+    return [
+        Metric("val/delta_e", c.delta_e, "colour difference CIEDE2000",
+               f"mean over pixels, then images; {how}; ~1 just noticeable, >5 obvious"),
+        Metric("val/lab_shift_l", c.lab_shift_l, "lightness shift (L*)", f"{shift} L*; {how}"),
+        Metric("val/lab_shift_a", c.lab_shift_a, "red-green shift (a*)", f"{shift} a*, + = towards red; {how}"),
+        Metric("val/lab_shift_b", c.lab_shift_b, "yellow-blue shift (b*)", f"{shift} b*, + = towards yellow; {how}"),
+        Metric("val/chroma_ratio", c.chroma_ratio, "chroma ratio",
+               f"sum of reconstructions' mean chroma C* / the same for originals; 1 = no desaturation; {how}"),
+    ]
 
 
 def _latent_scale(model) -> tuple[float, float] | None:

@@ -24,6 +24,7 @@ from .atomic import write_text_atomic
 from .evaluation import EvalResult
 from .images import save_image_atomic
 from .metrics import PSNR_CAP
+from .metrics.colour import CHROMA_BIN_WIDTH
 
 CSV_NAME = "per_image.csv"
 JSON_NAME = "report.json"
@@ -80,6 +81,10 @@ def report_dict(result: EvalResult, *, model: dict[str, Any], dataset: dict[str,
         "kl_per_channel": result.kl_per_channel,
         "collapsed_channels": result.collapsed_channels,
         "codebook": result.codebook,
+        "chroma_histogram": None if result.chroma_histogram is None else {
+            "bin_width": CHROMA_BIN_WIDTH, "last_bin_open": True,
+            "originals": result.chroma_histogram[0], "reconstructions": result.chroma_histogram[1],
+        },
         "duplicates_dropped": result.duplicates,
         "pictures": {name: {"file": files[name], "caption": p.caption} for name, p in result.pictures.items()},
         "per_image_csv": files["per_image"],

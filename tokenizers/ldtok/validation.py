@@ -9,17 +9,19 @@ import torch
 from torch import Tensor, nn
 
 from .metrics.codebook import codebook_stats, index_histogram
+from .metrics.colour import colour_stats, summarize_colour
 from .metrics.image import PSNR_CAP, psnr, ssim
 
 
 @torch.no_grad()
 def validate(model: nn.Module, images: Tensor, *, device, autocast=contextlib.nullcontext,
              batch_size: int = 16) -> dict[str, float]:
-    """PSNR and SSIM (on [0, 255]-quantized images) of `model`'s reconstructions of `images` `(N, 3, H, W)`, and for
-    VQ models the codebook usage and perplexity over the set (per level for VQ-VAE-2)."""
+    """PSNR and SSIM (on [0, 255]-quantized images) of `model`'s reconstructions of `images` `(N, 3, H, W)`, their
+    colour fidelity (`ldtok.metrics.colour`: `delta_e`, `lab_shift_l/a/b`, `chroma_ratio`), and for VQ models the
+    codebook usage and perplexity over the set (per level for VQ-VAE-2)."""
     was_training = model.training
     model.eval()
-    psnrs, ssims, histograms = [], [], None
+    psnrs, ssims, colours, histograms = [], [], [], None
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
         with autocast():
@@ -27,6 +29,8 @@ def validate(model: nn.Module, images: Tensor, *, device, autocast=contextlib.nu
         x_rec = output.sample.float()
         psnrs.append(psnr(x, x_rec).clamp(max=PSNR_CAP).cpu())
         ssims.append(ssim(x, x_rec).cpu())
+        rgb = (x, x_rec) if x.shape[1] == 3 else (x.expand(-1, 3, -1, -1), x_rec.expand(-1, 3, -1, -1))  # greyscale
+        colours.append(colour_stats(*rgb).values())
         if output.quant is not None:
             levels = output.quant if isinstance(output.quant, list) else [output.quant]
             sizes = model.codebook_sizes
@@ -34,6 +38,8 @@ def validate(model: nn.Module, images: Tensor, *, device, autocast=contextlib.nu
             histograms = counts if histograms is None else [a + b for a, b in zip(histograms, counts)]
     model.train(was_training)
     result = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean())}
+    result.update(summarize_colour(**{k.removeprefix("colour/"): torch.cat([c[k] for c in colours])
+                                      for k in colours[0]}).as_dict())
     for level, counts in enumerate(histograms or []):
         suffix = "" if len(histograms) == 1 else f"_{model.level_names[level]}"
         stats = codebook_stats(counts)

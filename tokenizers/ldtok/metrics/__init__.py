@@ -2,6 +2,7 @@
 
 - `image`: PSNR and SSIM on 8-bit quantized images.
 - `fid`: feature extractors (the FID Inception from a local TorchScript file) and the Frechet distance.
+- `colour`: CIEDE2000, mean Lab shift and chroma ratio of reconstructions (colour fidelity).
 - `codebook`: code usage / perplexity / entropy of VQ models and per-channel KL of KL models.
 - `accumulator`: per-sample, id-deduplicated accumulation merged across processes.
 """
@@ -14,6 +15,15 @@ from .codebook import (
     index_histogram,
     kl_per_channel,
     kl_per_sample_channel,
+)
+from .colour import (
+    COLOUR_KEYS,
+    ColourStats,
+    ColourSummary,
+    chroma_histogram_picture,
+    colour_metrics,
+    colour_stats,
+    summarize_colour,
 )
 from .fid import (
     FID_HELPER_DEFAULT_1_SHA256,
@@ -30,6 +40,13 @@ from .fid import (
 from .image import PSNR_CAP, mean_psnr, psnr, ssim, to_uint8
 
 __all__ = [
+    "COLOUR_KEYS",
+    "ColourStats",
+    "ColourSummary",
+    "chroma_histogram_picture",
+    "colour_metrics",
+    "colour_stats",
+    "summarize_colour",
     "FID_HELPER_DEFAULT_1_SHA256",
     "PSNR_CAP",
     "FeatureExtractor",

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .codebook import index_histogram
+from .colour import ColourSummary, colour_stats, summarize_colour
 from .fid import FeatureMoments
 
 _FEATURES = "features"
@@ -78,6 +79,13 @@ class GatheredMetrics:
         if cap is not None:
             values = values.clamp(max=cap)
         return values.mean(dim=0)
+
+    def colour(self) -> ColourSummary | None:
+        """The colour metrics over the samples `MetricAccumulator.add_colour` saw (`None` if it saw none)."""
+        if not self.ids("colour/delta_e"):
+            return None
+        return summarize_colour(**{k: self.stack(f"colour/{k}") for k in
+                                   ("delta_e", "lab_shift", "chroma", "chroma_rec", "chroma_hist")})
 
 
 class _KeyedSet:
@@ -165,6 +173,11 @@ class MetricAccumulator:
                     self.value_duplicates[name] += 1
                 else:
                     row[name] = value
+
+    def add_colour(self, ids: Sequence[str], x: Tensor, x_rec: Tensor) -> None:
+        """Record the per-image colour statistics (`ldtok.metrics.colour`) of reconstructions `x_rec` of `x`, both
+        `(B, 3, H, W)` in `[-1, 1]`; `GatheredMetrics.colour()` summarizes them."""
+        self.add_values(ids, colour_stats(x, x_rec).values())
 
     def _set(self, name: str, kind: str, num_codes: int | None = None) -> _KeyedSet:
         s = self.sets.get(name)

@@ -19,9 +19,13 @@ MODEL_PRESETS: dict[str, dict] = {
         type="kl", block_out_channels=[128, 128, 256, 256, 512], layers_per_block=2, latent_channels=16,
         sample_size=256,
     ),
-    # A tiny f4 KL-VAE that trains on CPU in minutes.
+    # A tiny f4 KL-VAE that trains on CPU in minutes. 4 GroupNorm groups (8 and 16 channels per group): with 16
+    # groups its 32-channel layers had 2 channels per group, nearly InstanceNorm, which normalizes each image's colour
+    # statistics away; the tokenizer then ignored the input's overall colour and painted the (warm) training-set
+    # average instead, e.g. white and grey turned red-brown (issue 15, eval/ablate_colour.py). Stable Diffusion's VAE
+    # (32 groups on 128-512 channels) has 4-16 channels per group, as the kl-/vq- presets above.
     "demo-kl": dict(
-        type="kl", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        type="kl", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=4,
         sample_size=64, mid_block_add_attention=False,
     ),
     # LDM vq-f8: f8, 16384 codes of dimension 4.
@@ -60,14 +64,14 @@ MODEL_PRESETS: dict[str, dict] = {
         sample_size=64, mid_block_add_attention=False,
         quantizer=dict(type="lfq", codebook_dim=8, entropy_weight=0.1, usage_window=50),
     ),
-    # Tiny f4 VQGAN / VQ-VAE-2 for CPU demos and tests.
+    # Tiny f4 VQGAN / VQ-VAE-2 for CPU demos and tests; 4 GroupNorm groups as demo-kl (colour fidelity, issue 15).
     "demo-vq": dict(
-        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=4,
         sample_size=64, mid_block_add_attention=False,
         quantizer=dict(codebook_size=256, codebook_dim=4, dead_code_steps=20, usage_window=50),
     ),
     "demo-vqvae2": dict(
-        type="vqvae2", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=16, norm_num_groups=16,
+        type="vqvae2", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=16, norm_num_groups=4,
         sample_size=64, mid_block_add_attention=False,
         quantizer=dict(codebook_size=128, codebook_dim=16, dead_code_steps=20, usage_window=50),
     ),

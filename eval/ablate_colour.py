@@ -1,0 +1,182 @@
+"""Which training factor makes the demo tokenizers lose colour? One factor changed at a time, equal steps (issue 15).
+
+    PYTHONPATH=tokenizers OMP_NUM_THREADS=1 python eval/ablate_colour.py --steps 250 --out runs/ablate-colour
+    python eval/ablate_colour.py --only kl/base,kl/data-v2   # a subset; finished runs are read back, not rerun
+
+Every variant trains `configs/demo-kl.yaml` (`configs/demo-vq.yaml`, `configs/demo-vqvae2.yaml` for the `vq/`,
+`vqvae2/` rows) as it was before the fix (`BEFORE_FIX`, and the `default-v1` photos) for `--steps` steps with one key
+changed (the `groups-4+data-v2` rows change the two that make the fix), and is scored on the SAME validation images:
+the 64 validation crops of the embedded dataset's `default-v1` version (the 7 scikit-image photos, the astronaut's
+white helmet and the white rocket among them), read as a folder so that every variant, whatever its training data,
+sees identical pixels. The numbers are the training validation of the final model (`ldtok.validation.validate`):
+PSNR, SSIM, mean CIEDE2000, chroma ratio and mean Lab shifts, plus a probe (`cast_gains`): how much of a global red /
+blue cast added to the input survives in the output. The schedule (cosine over `--steps`, 20 warm-up steps) is the
+demo's, compressed to `--steps`.
+
+Not ablated: LPIPS-VGG / LPIPS-Alex (their torchvision ImageNet backbones are not available offline here and are never
+downloaded; ST-LPIPS, whose weights ship in a wheel, is ablated instead), and input normalization (the models always
+see RGB in `[-1, 1]`; there is no other normalization to switch to).
+
+Prints a table (and the change of each row against its family's base row) and writes `<out>/ablation.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b", "cast_gain_r",
+           "cast_gain_b")
+CAST = 0.3  # a global colour cast added to the red (or blue) channel of every validation image, in [-1, 1] units
+
+# The demo recipe as it was before the fix of issue 15, which every variant starts from: the preset's 16 GroupNorm
+# groups (the configs now get 4 from the preset) and the default-v1 training photos (`data.path={v1}`, set below).
+BEFORE_FIX = ["model.norm_num_groups=16"]
+# name -> (config, overrides). `{v1}` / `{v2}` are the train folders of the default dataset's versions.
+KL_VARIANTS = {
+    "kl/base": [],
+    "kl/seed-1": ["train.seed=1"],  # the same recipe with another seed: the noise level of one run
+    "kl/stlpips-vgg": ["loss.perceptual=stlpips-vgg"],
+    "kl/no-perceptual": ["loss.perceptual=none", "loss.perceptual_weight=0"],
+    "kl/perceptual-1.0": ["loss.perceptual_weight=1.0"],
+    "kl/perceptual-0.1": ["loss.perceptual_weight=0.1"],
+    "kl/l2": ["loss.reconstruction=l2"],
+    "kl/gan-0.1-from-100": ["loss.disc_start=100"],
+    "kl/gan-0.5-from-100": ["loss.disc_start=100", "loss.disc_weight=0.5"],
+    "kl/latent-8": ["model.latent_channels=8"],
+    "kl/lr-2e-4": ["train.lr=2.0e-4"],
+    "kl/warmup-100": ["train.warmup_steps=100"],
+    "kl/kl-1e-4": ["loss.kl_weight=1.0e-4"],
+    "kl/deterministic": ["model.deterministic=true"],
+    "kl/data-v2": ["data.path={v2}"],
+    # GroupNorm: the demo preset's 16 groups leave 2 channels per group at its 32-channel level (nearly InstanceNorm)
+    "kl/groups-32": ["model.norm_num_groups=32"],
+    "kl/groups-4": ["model.norm_num_groups=4"],
+    "kl/groups-1": ["model.norm_num_groups=1"],
+    # the two factors that each helped, together
+    "kl/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
+}
+VQ_VARIANTS = {
+    "vq/base": [],
+    "vq/codebook-1024": ["model.quantizer.codebook_size=1024"],
+    "vq/codebook-dim-8": ["model.quantizer.codebook_dim=8", "model.latent_channels=8"],
+    "vq/no-perceptual": ["loss.perceptual=none", "loss.perceptual_weight=0"],
+    "vq/data-v2": ["data.path={v2}"],
+    "vq/groups-4": ["model.norm_num_groups=4"],
+    "vq/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
+}
+VQVAE2_VARIANTS = {
+    "vqvae2/base": [],
+    "vqvae2/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
+}
+VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
+            **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
+            **{k: ("configs/demo-vqvae2.yaml", "train/vq.py", v) for k, v in VQVAE2_VARIANTS.items()}}
+
+
+def cast_gains(model_dir: Path, images) -> dict[str, float]:
+    """How much of a global colour cast of the input the reconstruction keeps: (mean output shift) / (mean input
+    shift) of the red channel for `+CAST` on red, and of blue for `+CAST` on blue. 1 = follows the cast; near 0 = the
+    model ignores the input's overall colour and paints its own (what a per-image normalization that removes colour
+    statistics would do)."""
+    import torch
+
+    from ldtok.models import load_tokenizer
+
+    model = load_tokenizer(str(model_dir)).eval()
+    gains = {}
+    with torch.no_grad():
+        base = model(images).sample.float().mean(dim=(0, 2, 3))  # (3,)
+        for name, channel in (("cast_gain_r", 0), ("cast_gain_b", 2)):
+            shifted = images.clone()
+            shifted[:, channel] = (shifted[:, channel] + CAST).clamp(-1, 1)
+            d_in = (shifted - images)[:, channel].mean()
+            d_out = model(shifted).sample.float().mean(dim=(0, 2, 3))[channel] - base[channel]
+            gains[name] = float(d_out / d_in)
+    return gains
+
+
+def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], val_dir: str, images) -> dict:
+    """Train one variant (unless its `summary.json` exists) and return its final validation metrics."""
+    config, script, overrides = VARIANTS[name]
+    run_dir = out / name.replace("/", "__")
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        if run_dir.exists():  # an interrupted run: start it afresh
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        args = [
+            *BEFORE_FIX, f"output_dir={run_dir}", f"train.max_steps={steps}", f"train.val_every={steps}",
+            f"train.image_every={steps}", f"train.checkpoint_every={steps}", "train.report_to=none",
+            "data.source=folder", f"data.path={folders['v1']}",
+            "val_data.source=folder", f"val_data.path={val_dir}", "val_data.resolution=64",
+        ] + [o.format(**folders) for o in overrides]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        start = time.time()
+        log = (out / f"{run_dir.name}.log").open("w")
+        subprocess.run([*launch, str(ROOT / script), "--config", str(ROOT / config), *args], check=True,
+                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        print(f"{name}: trained in {time.time() - start:.0f}s", file=sys.stderr)
+    result = json.loads(summary.read_text())
+    val = result["validation"]
+    gains = cast_gains(run_dir / "final", images)
+    return {"overrides": overrides, "steps": result["steps"], "grid": val.get("grid"),
+            **{k: val[k] for k in COLUMNS if k in val}, **gains}
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    head = f"{'variant':<22}" + "".join(f"{c:>13}" for c in COLUMNS)
+    print(head)
+    print("-" * len(head))
+    for name, r in rows.items():
+        print(f"{name:<22}" + "".join(f"{r[c]:>13.4f}" for c in COLUMNS))
+    print("\nchange against the family's base row (delta_e: lower is better; chroma_ratio: 1 is no desaturation):")
+    for name, r in rows.items():
+        base = rows.get(name.split("/")[0] + "/base")
+        if base is None or base is r:
+            continue
+        d = {c: r[c] - base[c] for c in ("psnr", "delta_e", "chroma_ratio", "lab_shift_a")}
+        print(f"{name:<22} dPSNR {d['psnr']:+7.3f}  dDeltaE {d['delta_e']:+7.3f}  dChroma {d['chroma_ratio']:+7.3f}  "
+              f"da* {d['lab_shift_a']:+7.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--out", default="runs/ablate-colour")
+    parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from ldtok.default_dataset import default_dataset_dir
+
+    v1, v2 = default_dataset_dir(name="default-v1"), default_dataset_dir(name="default-v2")
+    folders = {"v1": str(v1 / "train"), "v2": str(v2 / "train")}
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; have {list(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "eval"))
+    from colour_compare import load_folder
+
+    images = load_folder(str(v1 / "validation"), resolution=64)[:32]  # (32, 3, 64, 64), for the colour-cast probe
+    rows = {}
+    for name in names:
+        rows[name] = run_variant(name, out=out, steps=args.steps, folders=folders, val_dir=str(v1 / "validation"),
+                                 images=images)
+    print_table(rows)
+    settings = {"steps": args.steps, "resolution": 64, "batch_size": 8, "validation": str(v1 / "validation"),
+                "validation_images": 64, "machine": "CPU, 1 process, OMP_NUM_THREADS=1"}
+    (out / "ablation.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out / 'ablation.json'}")
+
+
+if __name__ == "__main__":
+    main()
