@@ -406,3 +406,14 @@ def test_a_failing_background_write_is_raised_in_the_caller(tmp_path):
                 sink.add(batch, [f"a{i}", f"b{i}"])
     assert len(calls) == 1  # nothing after the failure was attempted
     assert not list((tmp_path / "s").glob("shard-*"))
+
+
+@pytest.mark.slow
+def test_compiled_encoder_stores_the_reference_latents(kl_shards, kl_model, data_dir, tmp_path):
+    out = tmp_path / "compiled"
+    assert ldtok(encode_args(kl_model, out, data_dir, "--flip", "--compile")) == 0
+    _, reference, _ = read_shards(kl_shards)
+    _, compiled, _ = read_shards(out)
+    assert set(compiled) == set(reference)
+    for sample_id, row in reference.items():
+        torch.testing.assert_close(compiled[sample_id]["mean"], row["mean"], rtol=1e-4, atol=1e-4)

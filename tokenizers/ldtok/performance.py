@@ -30,6 +30,13 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def expected_device() -> torch.device:
+    """The device type an `Accelerator` built now will use: CUDA when there is one, unless `ACCELERATE_USE_CPU`
+    (what `accelerate launch --cpu` and CPU multi-process launches set) asks for the CPU."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     """`"no"`, `"fp16"` or `"bf16"` for `train.mixed_precision=setting`.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
@@ -46,7 +46,7 @@ from .losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
 from .meters import ThroughputMeter, peak_memory_mib
 from .model_card import write_model_card
 from .models import ModelConfig, build_model
-from .performance import adamw, enable_tf32, memory_format, resolve_mixed_precision
+from .performance import adamw, enable_tf32, expected_device, memory_format, resolve_mixed_precision
 from .run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
 from .splits import ValidationPlan, plan_validation
 from .trackers import hparams, log_images, resolve_report_to
@@ -275,11 +275,12 @@ def train(config: RunConfig) -> dict:
         raise LdtokError(f"{out} already holds checkpoints of a run: pass resume=latest to continue it, or choose "
                          "another output_dir (or delete it) to start afresh")
     report_to = resolve_report_to(tc.report_to)
-    device = PartialState().device  # Accelerate's device, before the Accelerator (which takes the precision)
-    enable_tf32(device)
+    # the precision is the Accelerator's argument, so it is resolved for the device it will pick (no PartialState
+    # here: built before the Accelerator, it would miss ACCELERATE_USE_CPU and see every CPU rank as the main one)
+    expected = expected_device()
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        mixed_precision=resolve_mixed_precision(tc.mixed_precision, device),
+        mixed_precision=resolve_mixed_precision(tc.mixed_precision, expected),
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -287,6 +288,8 @@ def train(config: RunConfig) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved ..." lines drown ours
+    device = accelerator.device
+    enable_tf32(device)
     set_seed(tc.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
