@@ -136,7 +136,7 @@ def model_class(model: str | os.PathLike) -> str | None:
 def source_images(source_dir: str | os.PathLike | None) -> list[Path]:
     """The image files of `source_dir` (not recursive), sorted by name; the default dataset's crops if `None`."""
     if source_dir is None:
-        from .default_dataset import default_dataset_dir
+        from ldtok.default_dataset import default_dataset_dir
 
         source_dir = default_dataset_dir() / "train"
     source_dir = Path(source_dir).expanduser()
