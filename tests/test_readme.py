@@ -52,6 +52,10 @@ def scratch(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("code", _params())
 def test_readme_snippet_runs(code, scratch):
+    # a fresh Python session, as a reader's: earlier tests in this process built Accelerators of their own
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     namespace = {"images": images, "__name__": "readme"}
     exec(compile(code, "README.md", "exec"), namespace)
