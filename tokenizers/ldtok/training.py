@@ -531,6 +531,22 @@ def train(config: RunConfig) -> dict:
     return summary
 
 
+def summary_lines(config: RunConfig, summary: dict, *, kind: str) -> list[str]:
+    """What a training script prints at the end (nothing on the other ranks): where the final model is (`kind`, e.g.
+    "diffusers AutoencoderKL"), its validation numbers and the throughput, or that the run had already finished."""
+    if "final" not in summary:
+        return []
+    if summary.get("already_finished"):
+        action = "exported its final model" if summary.get("exported") else "nothing to do"
+        return [f"{config.output_dir}: the run already finished at step {summary['steps']} (train.max_steps="
+                f"{config.train.max_steps}); {action}; final model: {summary['final']}"]
+    val = summary["validation"]
+    usage = "".join(f", {k} {100 * v:.1f}%" for k, v in val.items() if k.startswith("codebook_usage"))
+    return [f"final model: {summary['final']}  ({kind})",
+            f"validation PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}{usage}; reconstructions: {val.get('grid')}",
+            f"training: {summary['images_per_s']:.1f} img/s, peak memory {summary['peak_memory_mib']:.0f} MiB"]
+
+
 def _finished_summary(out: Path, state: dict, *, main: bool) -> dict:
     """What `train` returns for a run that had already finished: its `summary.json` (untouched), marked so."""
     if not main:
@@ -539,5 +555,6 @@ def _finished_summary(out: Path, state: dict, *, main: bool) -> dict:
     return {**summary, "already_finished": True, "steps": state["step"], "final": str(out / "final")}
 
 __all__ = [
-    "RunConfig", "TrainConfig", "autoencoder_step", "learning_rate", "list_checkpoints", "train", "weights_checksum",
+    "RunConfig", "TrainConfig", "autoencoder_step", "learning_rate", "list_checkpoints", "summary_lines", "train",
+    "weights_checksum",
 ]
