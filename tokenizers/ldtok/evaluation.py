@@ -463,8 +463,8 @@ def _latent_scale(model) -> tuple[float, float] | None:
     return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
 
 
-def first_images(dataset: Dataset, n: int) -> tuple[Tensor, list[str]]:
-    """The first `n` decodable images of `dataset`, `(n', 3, H, W)` with their ids (`n' < n` for small sets)."""
+def first_items(dataset: Dataset, n: int) -> list[dict]:
+    """The first `n` decodable items of `dataset` (fewer for small sets); undecodable ones are passed over."""
     items = []
     source = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
     for item in source:
@@ -472,6 +472,12 @@ def first_images(dataset: Dataset, n: int) -> tuple[Tensor, list[str]]:
             break
         if "skipped" not in item:
             items.append(item)
+    return items
+
+
+def first_images(dataset: Dataset, n: int) -> tuple[Tensor, list[str]]:
+    """The first `n` decodable images of `dataset`, `(n', 3, H, W)` with their ids (`n' < n` for small sets)."""
+    items = first_items(dataset, n)
     if not items:
         return torch.empty(0, 3, 0, 0), []
     return torch.stack([it["pixel_values"] for it in items]), [it["id"] for it in items]

@@ -25,15 +25,9 @@ TOOL_IMAGES = 64  # images encoded for the pictures (the arithmetic's group mean
 
 
 def _first_items(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from torch.utils.data import IterableDataset
+    from ..evaluation import first_items
 
-    items = []
-    source = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
-    for item in source:
-        if len(items) >= n:
-            break
-        if "skipped" not in item:
-            items.append(item)
+    items = first_items(dataset, n)
     if not items:
         return torch.empty(0), None
     labels = torch.tensor([it["label"] for it in items]) if "label" in items[0] else None
