@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import all_gather_sizes, all_reduce_sum_, gather_rows
+from ..distributed import all_gather_sizes, all_reduce_sum_, gather_rows
 
 # Upper bound on the elements of one (rows, K) distance block: 2**26 fp32 = 256 MiB. A 16k codebook against a
 # 32k-row batch would otherwise materialize a 2 GiB distance matrix.

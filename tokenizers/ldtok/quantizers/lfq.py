@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..distributed import global_mean_with_local_grad
 from ..outputs import QuantizerOutput
-from .distributed import global_mean_with_local_grad
 from .usage import CodeUsageTracker
 
 MAX_BITS = 20  # 2**20 codes: the usage window holds one int64 per code

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .distributed import all_reduce_sum_
+from ..distributed import all_reduce_sum_
 
 
 def histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:

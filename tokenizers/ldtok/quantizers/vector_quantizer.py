@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_sum_
 from ..outputs import QuantizerOutput
-from .distributed import all_reduce_sum_
 from .kmeans import kmeans, nearest_codes, sample_rows
 
 # Fixed seeds: every rank must make the same random choices, whatever its global RNG state.
