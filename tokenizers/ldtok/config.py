@@ -36,6 +36,41 @@ class ConfigError(LdtokError, ValueError):
     label = "config error"
 
 
+class ConfigValueError(ConfigError):
+    """A value out of its range or an unknown choice, raised by a config dataclass's `__post_init__`.
+
+    `field` is the key relative to the section (`"kl_weight"`); `from_dict` prefixes the section's dotted path, so the
+    user reads `loss.kl_weight: must be >= 0, got -1.0`. Raise it through `invalid`, `check_range` or `check_choice`.
+    """
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.detail = message
+        super().__init__(f"{field}: {message}")
+
+
+def invalid(field: str, message: str) -> ConfigValueError:
+    """The error for section key `field` (relative to its section): `raise invalid("betas", "needs 2 values")`."""
+    return ConfigValueError(field, message)
+
+
+def check_range(section: Any, field: str, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None, lt: float | None = None) -> None:
+    """Raise a `ConfigValueError` naming `field` when `getattr(section, field)` is outside the given bounds."""
+    value = getattr(section, field)
+    for bound, ok, text in ((ge, lambda v, b: v >= b, ">="), (gt, lambda v, b: v > b, ">"),
+                            (le, lambda v, b: v <= b, "<="), (lt, lambda v, b: v < b, "<")):
+        if bound is not None and value is not None and not ok(value, bound):
+            raise invalid(field, f"must be {text} {bound}, got {value!r}")
+
+
+def check_choice(section: Any, field: str, allowed) -> None:
+    """Raise a `ConfigValueError` naming `field` and the allowed values when the value is not one of them."""
+    value = getattr(section, field)
+    if value not in allowed:
+        raise invalid(field, f"unknown choice {value!r} (allowed: {', '.join(map(str, allowed))})")
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
     """Build a config of type `cls` from a YAML file and `key=value` overrides.
 
@@ -112,7 +147,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"{', '.join(fields)})"
         )
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as e:  # raised by the section's __post_init__: name the full dotted key
+        raise ConfigError(f"{prefix}{e.field}: {e.detail}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
