@@ -11,13 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    UNet2DModel,
+)
 from PIL import Image
 
 from ldtok.errors import DiskFullError
 from ldtok.model_card import read_front_matter
-from ldtok.models import KLAutoencoder
+from ldtok.models import KLAutoencoder, tokenizer_sha256
 from ldtok.priors.pipeline import LatentPriorPipeline, PriorPipelineError, save_prior_pipeline
+from ldtok.shards import LatentShardDataset, ShardWriter, write_manifest
 
 C, LATENT, IMAGE = 4, 8, 16  # latent channels, latent side, image side (the VAE downsamples by 2)
 
@@ -58,6 +66,8 @@ def test_save_writes_a_diffusers_pipeline_directory_with_the_latent_scaling(expo
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert (index["scaling_factor"], index["shift_factor"]) == (0.5, 0.25)  # the shards', not the VAE config's
+    vae_config = json.loads((exported / "vae" / "config.json").read_text())
+    assert (vae_config["scaling_factor"], vae_config["shift_factor"]) == (0.5, 0.25)
     for sub in ("unet", "vae"):
         assert (exported / sub / "config.json").is_file()
         assert (exported / sub / "diffusion_pytorch_model.safetensors").is_file()
@@ -139,14 +149,40 @@ def test_samples_are_unscaled_exactly_as_the_training_latents_were_scaled(tmp_pa
     torch.testing.assert_close(images, (decode(expected / 0.5 + 0.25).sample / 2 + 0.5).clamp(0, 1))
 
 
-def test_no_shift_factor_means_zero_and_the_vae_config_is_not_used(tmp_path, tokenizer_dir):
+def test_no_shift_factor_means_zero_and_the_tokenizer_config_scale_is_not_used(tmp_path, tokenizer_dir):
+    assert AutoencoderKL.load_config(tokenizer_dir)["scaling_factor"] == pytest.approx(0.18215)
     out = save_prior_pipeline(tmp_path / "final", unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10),
                               tokenizer_dir=tokenizer_dir, scaling_factor=1.25)
     pipe = LatentPriorPipeline.from_pretrained(out)
-    assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
     assert (pipe.config.scaling_factor, pipe.config.shift_factor) == (1.25, 0.0)
+    # the copy states the prior's scaling too; the tokenizer itself is left as it was
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.25, None)
+    assert AutoencoderKL.load_config(tokenizer_dir)["scaling_factor"] == pytest.approx(0.18215)
+    assert tokenizer_sha256(out / "vae") == tokenizer_sha256(tokenizer_dir)  # the same tokenizer
     z = torch.randn(2, C, LATENT, LATENT)
     torch.testing.assert_close(pipe.unscale_latents(z), z / 1.25)
+
+
+@pytest.mark.parametrize("convention", ["sd", "sd3"])
+def test_unscaling_inverts_what_the_shard_reader_feeds_the_trainer(tmp_path, tokenizer_dir, convention):
+    vae = AutoencoderKL.from_pretrained(tokenizer_dir).eval()
+    with torch.no_grad():
+        posterior = vae.encode(torch.rand(8, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+                               ).latent_dist
+    shards = tmp_path / "shards"
+    with ShardWriter(shards, kind="kl", samples_per_shard=4, metadata={"resolution": str(IMAGE)}) as writer:
+        writer.add({"mean": posterior.mean, "logvar": posterior.logvar}, [f"img{i}" for i in range(8)])
+    write_manifest(shards, model={"path": str(tokenizer_dir)}, latent_convention=convention)
+    dataset = LatentShardDataset(shards, sample_posterior=False)  # what train/prior_diffusion.py trains on
+    scale, shift = dataset.source.scaling_factor, dataset.source.shift_factor
+    assert (shift != 0) == (convention == "sd3")
+    out = save_prior_pipeline(tmp_path / "final", unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10),
+                              tokenizer_dir=tokenizer_dir, scaling_factor=scale, shift_factor=shift)
+    pipe = LatentPriorPipeline.from_pretrained(out)
+    normalized = torch.stack([dataset[i]["latents"] for i in range(len(dataset))])  # (8, C, h, w)
+    ids = [dataset[i]["id"] for i in range(len(dataset))]
+    means = posterior.mean[[int(i[3:]) for i in ids]]
+    torch.testing.assert_close(pipe.unscale_latents(normalized), means, rtol=1e-5, atol=1e-5)
 
 
 def test_output_types(exported):
@@ -168,6 +204,15 @@ def test_output_types(exported):
     assert isinstance(tup, tuple) and torch.equal(tup[0], pt)
     with pytest.raises(ValueError, match="output_type"):
         sample(output_type="jpeg")
+
+
+def test_any_scheduler_samples_and_a_swapped_one_is_saved(exported, tmp_path):
+    pipe = LatentPriorPipeline.from_pretrained(exported)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # init_noise_sigma > 1, scaled inputs
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, IMAGE, IMAGE) and 0 <= images.min() and images.max() <= 1
+    pipe.save_pretrained(tmp_path / "euler")
+    assert isinstance(LatentPriorPipeline.from_pretrained(tmp_path / "euler").scheduler, EulerDiscreteScheduler)
 
 
 def test_class_conditional_prior_takes_one_label_per_image(tmp_path, tokenizer_dir):

@@ -12,6 +12,7 @@ An exported prior is a diffusers pipeline directory::
 
 Load and sample (ldtok installed)::
 
+    import torch
     from ldtok.priors.pipeline import LatentPriorPipeline
 
     pipe = LatentPriorPipeline.from_pretrained("runs/prior/final")
@@ -25,7 +26,8 @@ registry of outside pipeline classes). The directory's `pipeline.py` does nothin
 
     pipe = DiffusionPipeline.from_pretrained("runs/prior/final", custom_pipeline="pipeline", trust_remote_code=True)
 
-The same call works for a Hub repository holding the directory. Swap the sampler as with any pipeline:
+diffusers 0.42 fetches `pipeline.py` from a Hub repository holding the directory the same way (not tested
+here: no network). Swap the sampler as with any pipeline:
 `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
 
 Latent scaling: the prior is trained on `(z - shift_factor) * scaling_factor` (`ldtok.shards` readers, one scalar
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -64,7 +67,7 @@ SHIM = ('"""Loads ldtok\'s LatentPriorPipeline for DiffusionPipeline.from_pretra
 
 
 class PriorPipelineError(LdtokError, ValueError):
-    """Components that do not fit together (latent channels, sizes), or a tokenizer that is not an AutoencoderKL."""
+    """Components that do not fit together (latent channels, scaling), or a tokenizer that is not an AutoencoderKL."""
 
 
 def latent_shape(unet: UNet2DModel) -> tuple[int, int, int]:
@@ -83,7 +86,7 @@ def check_components(unet: UNet2DModel, vae: AutoencoderKL, scaling_factor: floa
     if vae.config.latent_channels != C:
         raise PriorPipelineError(f"the UNet models {C}-channel latents, the VAE's are {vae.config.latent_channels}-"
                                  "channel: the prior was trained on another tokenizer's latents")
-    if not (isinstance(scaling_factor, (int, float)) and scaling_factor > 0):
+    if not (isinstance(scaling_factor, (int, float)) and math.isfinite(scaling_factor) and scaling_factor > 0):
         raise PriorPipelineError(f"scaling_factor must be a positive number, got {scaling_factor!r}")
 
 
@@ -226,7 +229,7 @@ def render_prior_card(pipe: LatentPriorPipeline, *, tokenizer_sha: str | None = 
              "ldtok) and exported as a diffusers pipeline (`LatentPriorPipeline`).", "", "## Components", "",
              f"- `unet`: `UNet2DModel` on `{C}x{h}x{w}` latents, channels `{list(u.block_out_channels)}`"
              f"{conditional}",
-             f"- `scheduler`: `{type(pipe.scheduler).__name__}`, {s.num_train_timesteps} training timesteps, "
+             f"- `scheduler`: `{type(pipe.scheduler).__name__}`, {s.get('num_train_timesteps')} training timesteps, "
              f"`prediction_type` `{s.get('prediction_type', 'epsilon')}`",
              f"- `vae`: the tokenizer (`AutoencoderKL`, {v.latent_channels} latent channels, downsampling "
              f"{pipe.image_processor.config.vae_scale_factor})"
@@ -241,7 +244,10 @@ def render_prior_card(pipe: LatentPriorPipeline, *, tokenizer_sha: str | None = 
               "from ldtok.priors.pipeline import LatentPriorPipeline", "",
               'pipe = LatentPriorPipeline.from_pretrained(".")',
               "images = pipe(batch_size=4, num_inference_steps=50, generator=torch.manual_seed(0)).images", "```", "",
-              "Or with diffusers alone (ldtok installed; `pipeline.py` imports the class from ldtok):", "",
+              *([f"Class-conditional: pass `class_labels` (one per image, in [0, {u.num_class_embeds})).", ""]
+                if u.num_class_embeds else []),
+              "Or through diffusers' `DiffusionPipeline` (ldtok must be installed: `pipeline.py` only imports the "
+              "class from it):", "",
               "```python", "from diffusers import DiffusionPipeline", "",
               'pipe = DiffusionPipeline.from_pretrained(".", custom_pipeline="pipeline", trust_remote_code=True)',
               "```", ""]
@@ -272,8 +278,13 @@ def save_prior_pipeline(out_dir: str | os.PathLike, *, unet: UNet2DModel, schedu
     """
     out_dir = Path(out_dir)
     vae = load_tokenizer_vae(tokenizer_dir)
+    shift_factor = 0.0 if shift_factor is None else float(shift_factor)
+    check_components(unet, vae, scaling_factor)
+    # the copy's own config states the scaling the prior was trained with, as the pipeline's does (the SD convention
+    # writes no shift); the weights and so the tokenizer's identity (`tokenizer_sha256`) are unchanged
+    vae.register_to_config(scaling_factor=float(scaling_factor), shift_factor=shift_factor or None)
     pipe = LatentPriorPipeline(unet=unet, scheduler=scheduler, vae=vae, scaling_factor=scaling_factor,
-                               shift_factor=0.0 if shift_factor is None else shift_factor)
+                               shift_factor=shift_factor)
     card = render_prior_card(pipe, tokenizer_sha=tokenizer_sha256(tokenizer_dir), step=step,
                              shards=None if shards is None else str(shards))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
