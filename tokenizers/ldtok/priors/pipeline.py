@@ -262,6 +262,7 @@ def save_prior_pipeline(out_dir: str | os.PathLike, *, unet: UNet2DModel, schedu
     The pipeline is saved to `.NAME.tmp-PID` beside `out_dir`, with the shim `pipeline.py` and a model card, and
     renamed into place once complete; an existing `out_dir` is replaced only then. A failure removes the temporary
     directory and leaves `out_dir` as it was (a full disk is a one-line `DiskFullError`).
+    Whatever else an existing `out_dir` held goes with it: write other files into it (samples, `prior.json`) after.
 
     Args:
         out_dir (`str` or `os.PathLike`): the pipeline directory to write (e.g. `output_dir/final`).
