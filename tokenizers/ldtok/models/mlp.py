@@ -110,6 +110,8 @@ class MLPVAEAutoencoder(KLAutoencoder):
         contractive_samples (`int`, defaults to 0): see `KLAutoencoder`.
     """
 
+    family = "mlp"
+
     def __init__(self, *, vae: MLPAutoencoder, contractive_samples: int = 0):
         super().__init__(vae=vae, deterministic=vae.config.deterministic, contractive_samples=contractive_samples)
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..outputs import AutoencoderOutput
 from ..regularizers import logits_to_image
+from .base import NoShardFormat
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 
@@ -174,7 +175,7 @@ class VAE2(ModelMixin, ConfigMixin):
         save_pretrained_atomic(self, path)
 
 
-class VAE2Autoencoder(nn.Module):
+class VAE2Autoencoder(nn.Module, NoShardFormat):
     """Trainable hierarchical KL-VAE (`model.type: vae2`): the trainer's interface around a `VAE2`.
 
     `forward` samples both posteriors in training mode and uses their means in eval mode, as `KLAutoencoder` does.
@@ -183,7 +184,8 @@ class VAE2Autoencoder(nn.Module):
         vae2 (`VAE2`): the model being trained, and what `export` writes.
     """
 
-    kind = "vae2"
+    family = "vae2"
+    latent_kind = "vae2"  # no shard format yet
     level_names: ClassVar[list[str]] = VAE2.level_names
 
     def __init__(self, *, vae2: VAE2):
