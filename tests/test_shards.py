@@ -358,14 +358,14 @@ def _write_and_die(out: str, point: str) -> None:
     """Child process: write 10 VQ samples and SIGKILL itself at `point` (run in a forked process)."""
     from ldtok.shards import writer as writer_module
 
-    real_write_part, real_write_bytes = writer_module.write_part, writer_module.atomic_write_bytes
+    real_write_part, real_write_bytes = writer_module.write_part, writer_module.write_bytes_atomic
 
     def write_part(out_dir, part):
         if point == "after_rename" and len(part["shards"]) == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # shard 1 is on disk, the part manifest does not know it
         real_write_part(out_dir, part)
 
-    def atomic_write_bytes(path, data):
+    def write_bytes_atomic(path, data):
         if point == "mid_temp" and path.name.endswith("00002.safetensors"):
             with open(path.parent / f".{path.name}.tmp-{os.getpid()}", "wb") as f:
                 f.write(data[: len(data) // 2])
@@ -373,7 +373,7 @@ def _write_and_die(out: str, point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # half a temp file, the shard never renamed
         real_write_bytes(path, data)
 
-    writer_module.write_part, writer_module.atomic_write_bytes = write_part, atomic_write_bytes
+    writer_module.write_part, writer_module.write_bytes_atomic = write_part, write_bytes_atomic
     w = ShardWriter(out, kind="vq", samples_per_shard=4, metadata={"resolution": "32"}, codebook_size=16)
     for b in range(0, 10, 2):
         w.add({"indices": torch.arange(b, b + 2).view(2, 1, 1).expand(2, 2, 2)}, ids_of(range(b, b + 2)))

@@ -1,11 +1,13 @@
 """Files that are never half-written: write a temporary file next to the target, then rename it over the target.
 
-The one atomic writer of ldtok (shards, part manifests, `index.json`, reports, configs). A failed write removes its
+The one atomic writer of ldtok (shards, part manifests, `index.json`, reports, configs): the data is fsynced
+before the rename and the directory after it, so the new name survives a power cut. A failed write removes its
 temporary file, and a full disk is reported as `DiskFullError` ("disk full while writing <path>"), not a traceback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -65,3 +67,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
+    """`obj` as JSON (and a final newline) at `path`, atomically (`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())
