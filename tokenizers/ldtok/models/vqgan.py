@@ -108,9 +108,9 @@ class VQGAN(nn.Module, CodeTokenizer):
         super().__init__()
         cfg = vqmodel.config
         embed_dim = cfg.vq_embed_dim if cfg.vq_embed_dim is not None else cfg.latent_channels
-        assert quantizer.codebook_dim == embed_dim, (
-            f"quantizer codebook_dim {quantizer.codebook_dim} != the VQModel's vq_embed_dim {embed_dim}"
-        )
+        if quantizer.codebook_dim != embed_dim:
+            raise ValueError(f"quantizer codebook_dim {quantizer.codebook_dim} != the VQModel's vq_embed_dim "
+                             f"{embed_dim}")
         vqmodel.quantize = quantizer  # one registration: the state dict has no duplicate keys
         self.vqmodel = vqmodel
         self.quantizer_config = quantizer_config
@@ -214,7 +214,8 @@ class VQGAN(nn.Module, CodeTokenizer):
         diffusers `VQModel` cannot hold (FSQ, LFQ, BSQ, residual VQ)."""
         from .quantized import QuantizedAutoencoder
 
-        assert self.quantizer_config is not None, "export of a non-VQ quantizer needs quantizer_config"
+        if self.quantizer_config is None:
+            raise ValueError("export of a non-VQ quantizer needs quantizer_config")
         cfg = self.vqmodel.config
         keys = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
                 "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "mid_block_add_attention")
