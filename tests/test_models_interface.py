@@ -99,6 +99,10 @@ def test_the_held_vqmodel_works_through_its_own_api():
         quant, loss, (perplexity, _, idx) = vq.quantize(latents)  # diffusers' convention
         assert torch.equal(idx, indices) and loss.ndim == 0 and perplexity > 0
     assert vq.quantize is model.quantizer, "one quantizer module, registered once"
+    model.train()  # re-quantizing latents for the evaluation's interpolations: eval semantics, modes restored
+    with torch.no_grad():
+        assert torch.equal(model.reconstruct_from_latents(model.encode_latents(x)), reference)
+    assert model.quantizer.training
     assert sum(k.startswith("vqmodel.quantize.embedding") for k in model.state_dict()) == 1
 
 

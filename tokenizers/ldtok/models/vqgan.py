@@ -194,6 +194,13 @@ class VQGAN(nn.Module, CodeTokenizer):
             return self.quantizer(self.encode_latents(images)).indices
 
     @torch.no_grad()
+    def reconstruct_from_latents(self, latents: Tensor) -> Tensor:
+        """Images `(B, 3, H, W)` from continuous latents `(B, D, h, w)` (`encode_latents(x)`, or an interpolation of
+        them): quantized in eval semantics (no codebook update) and decoded."""
+        with quantizers_eval(self.quantizer):
+            return self.decode_codes(self.quantizer(latents).quantized)
+
+    @torch.no_grad()
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Images `(B, 3, H, W)` of code indices `(B, h, w)`; equal to `forward(x).sample` in eval mode."""
         return self.decode_codes(self.quantizer.codes_from_indices(indices))
