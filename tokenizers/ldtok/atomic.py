@@ -26,7 +26,7 @@ def _write_and_sync(f, data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """fsync the directory so the rename itself survives a power cut (a kill -9 cannot undo it anyway)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -61,8 +61,19 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if full is not None:
             raise full from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
+
+
+def sync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file under `directory` and every folder in it (bottom-up), before the tree is renamed into place
+    (`ldtok.models.export.save_pretrained_atomic`): after the rename and a power cut the files are complete."""
+    directory = Path(directory)
+    for root, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
