@@ -73,6 +73,22 @@ def test_every_family_answers_the_interface(name):
         assert torch.equal(a, b) and not torch.allclose(a, model.decode_fields(exact))
 
 
+def test_the_exported_quantized_autoencoder_is_a_tokenizer_too(tmp_path):
+    from ldtok.models.quantized import QuantizedAutoencoder
+
+    config = FAMILIES["vqgan-fsq"][0]
+    model = trained_once(config)
+    model.export(tmp_path / "fsq")
+    exported = QuantizedAutoencoder.from_pretrained(tmp_path / "fsq").eval()
+    assert isinstance(exported, Tokenizer) and (exported.family, exported.latent_kind) == ("vqgan", "vq")
+    assert exported.codebook_sizes == [180] and exported.shard_fields() == {"indices": torch.uint8}
+    x = images(config)
+    fields = exported.encode_fields(x)
+    assert torch.equal(fields["indices"], model.encode_to_indices(x))
+    with torch.no_grad():
+        assert torch.allclose(exported.decode_fields(fields), model(x).sample, atol=1e-5)
+
+
 def test_a_family_without_a_shard_format_says_so_in_one_line():
     model = build_model(ModelConfig(type="vae2", **TINY)).eval()
     assert model.family == "vae2" and not model.has_gaussian_latent
