@@ -1,21 +1,21 @@
 """`ldtok encode` against the per-image loop users write without it: images/s, and peak memory at 1x and Kx the data
 (`eval/bench_encode.py`; benchmark code and its naive baseline live beside the library, not in it).
 
-Two *sides*, each run in a fresh Python process per (model, side, dataset size), on the same image folder:
+Two *sides*, per (model, side, dataset size), on the same image folder:
 
-- **ldtok**: the real command, `python -m ldtok.cli encode --data-source folder ...` with its usual options: batch
-  `batch_size` (32), `--dtype fp16` storage, one process, `--num-workers` `num_workers` (0 by default, see *Peak
-  memory*), `--samples-per-shard` `samples_per_shard` (see *Sizes*). Its images/s is the rate the command
-  prints itself: its encoding loop (reading and decoding the files, the encoder, writing shards), not the start-up,
-  the dataset scan or the final statistics. `e2e` rates divide by the whole process's wall time instead.
+- **ldtok**: the encode engine `ldtok encode` runs, `ldtok.encoding.encode_dataset`, called in this process with
+  the command's usual options: batch `batch_size` (32), `dtype="fp16"` storage, one process, `num_workers` (0 by
+  default, see *Peak memory*), `samples_per_shard` (see *Sizes*). Its images/s is the `EncodeResult`'s own rate: its
+  encoding loop (reading and decoding the files, the encoder, writing shards), not the model loading, the dataset
+  scan or the final statistics. `e2e` rates divide by the whole call's wall time instead.
 - **naive**: the loop of diffusers' example scripts and of feature-extraction scripts that keep everything in memory:
   `from_pretrained` the diffusers model (`AutoencoderKL` or `VQModel`, per `config.json`), then for each file: PIL
   open, `.convert("RGB")`, torchvision `Resize` + `CenterCrop` + `ToTensor` + `Normalize([0.5], [0.5])`,
   `vae.encode(x[None])` (batch 1, fp32, under `torch.no_grad()`, on CUDA when there is one, as `ldtok encode` is),
   append the latents, moved to the CPU, to a Python list (KL: `latent_dist.sample() * scaling_factor`; VQ: the
   diffusers quantizer's indices, which ignore ldtok's l2-normalized codebooks: other codes, the same compute); at the
-  end `torch.save(torch.cat(latents))`. Its images/s covers the loop and the save. VQ-VAE-2 has no diffusers class,
-  hence no naive side.
+  end `torch.save(torch.cat(latents))`. It runs in a fresh Python process per case (`_bench_encode_naive.py`); its
+  images/s covers the loop and the save. VQ-VAE-2 has no diffusers class, hence no naive side.
 
 Sizes: `1x` is the first `num_images` image files of the source folder (sorted by name; by default the training crops
 of `ldtok.default_dataset`); `Kx` (`scale`) is a folder in which each of them appears K times (hard links, symbolic
@@ -25,43 +25,45 @@ size; with shards larger than the 1x dataset the 1x run never fills one, and 1x 
 filling up (about +50 MiB for 1024-sample shards of the demo KL, 256 -> 2560 images at 64 px, and no more at 5120).
 By default the shards therefore hold `min(1024, num_images)` samples (rounded down to a multiple of the batch).
 
-Peak memory: `ru_maxrss` of each process, from `os.wait4`. It includes the interpreter and the libraries each side
-imports (`ldtok encode` also imports `datasets` and `accelerate`), so compare the growth from 1x to Kx: that is what
-holding every latent costs. `ru_maxrss` is per process: with `num_workers > 0` the DataLoader workers are separate
-processes and the figure is the largest of them, not their sum; the default 0 keeps ldtok in one process, as the naive
-loop is.
+Peak memory: `ru_maxrss`, which includes the interpreter and the libraries each side imports (ldtok also imports
+`datasets` and `accelerate`), so compare the growth from 1x to Kx: that is what holding every latent costs. The naive
+side's is its own process's, from `os.wait4`. The ldtok side's is the `EncodeResult`'s `peak_memory_mib`, this
+process's high-water mark when the case ends: the cases run 1x before Kx, so the Kx figure minus the 1x one is how far
+encoding the larger dataset raised it (0 when it needed no more memory than the 1x run). With `num_workers > 0` the
+DataLoader workers are separate processes whose memory is not counted; the default 0 keeps ldtok in one process, as
+the naive loop is.
 
-Threads: one intra-op thread per process by default. On a small shared machine torch's default (one per core) fights
+Threads: one intra-op thread by default (`torch.set_num_threads` for the in-process cases, `OMP_NUM_THREADS` for
+the naive processes). On a small shared machine torch's default (one per core) fights
 the other processes, and the batch-1 loop, with its many small parallel regions, suffers most: 256 images at 64 px
 took 142 s in one run and 7 s in the next (2 threads, 2 busy cores), against 2.3 s with one thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+from _bench_encode_report import format_table, write_report  # noqa: F401  (re-exported for bench_encode.py)
+
 import ldtok
-from ldtok.atomic import write_text_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAIVE_CLASSES = ("AutoencoderKL", "VQModel")
 DEFAULT_SAMPLES_PER_SHARD = 1024  # `ldtok encode`'s
-# the summary line `ldtok encode` prints (ldtok.commands.encode.run)
-SETTING_FLAGS = {"equal": ["--autocast", "no", "--no-channels-last"], "defaults": []}
-ENCODED_RE = re.compile(r"^encoded (\d+) samples \((\d+) skipped\) .* in [0-9.]+s: ([0-9.]+) img/s", re.MULTILINE)
+# `EncodeConfig` fields of each setting: `equal` is fp32 and NCHW like the naive loop; `defaults` the command's own
+SETTINGS = {"equal": {"autocast": "no", "channels_last": False}, "defaults": {}}
 
 
 @dataclass
@@ -101,7 +103,7 @@ class EncodeBenchConfig:
 
     def __post_init__(self):
         for setting in self.settings:
-            assert setting in SETTING_FLAGS, f"unknown setting {setting!r}: choose from {tuple(SETTING_FLAGS)}"
+            assert setting in SETTINGS, f"unknown setting {setting!r}: choose from {tuple(SETTINGS)}"
         assert self.models, "give at least one model directory"
         for model in self.models:
             class_name = model_class(model)
@@ -232,27 +234,55 @@ def _size_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 2**20
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """`threads` intra-op threads for the block (torch's setting unchanged when `None`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def encode_config(config: EncodeBenchConfig, *, model: str, images: Path, out: Path, work: Path,
+                  setting: str = "defaults"):
+    """The `EncodeConfig` of the ldtok side: `ldtok encode --data-source folder --data-path IMAGES ...`."""
+    from ldtok.data import DataConfig
+    from ldtok.encoding import EncodeConfig
+
+    data = DataConfig(source="folder", path=str(images), cache_dir=str(work / "hf-cache"))
+    return EncodeConfig(model=model, out=str(out), data=data, resolution=config.resolution,
+                        batch_size=config.batch_size, samples_per_shard=config.samples_per_shard, dtype=config.dtype,
+                        num_workers=config.num_workers, no_progress=True, **SETTINGS[setting])  # fmt: skip
+
+
 def ldtok_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path,
-               setting: str = "defaults") -> CaseResult:
-    """`ldtok encode` under `setting` on the folder `images` (`count` files) in a fresh process; shards deleted
-    afterwards."""
+               setting: str = "defaults", keep_output: bool = False) -> CaseResult:
+    """`encode_dataset` under `setting` on the folder `images` (`count` files), in this process; its shards are
+    deleted afterwards unless `keep_output` (then they are in `work / "ldtok-shards"`)."""
+    from ldtok.encoding import encode_dataset
+
     out = work / "ldtok-shards"
-    command = [sys.executable, "-m", "ldtok.cli", "encode", "--model", model, "--out", str(out),
-               "--data-source", "folder", "--data-path", str(images), "--resolution", str(config.resolution),
-               "--batch-size", str(config.batch_size), "--samples-per-shard", str(config.samples_per_shard),
-               "--dtype", config.dtype, "--num-workers", str(config.num_workers),
-               "--cache-dir", str(work / "hf-cache"), "--no-progress", *SETTING_FLAGS[setting]]  # fmt: skip
-    run = run_process(command, env=child_env(config, work), log_path=work / "ldtok-encode.log")
-    match = ENCODED_RE.search(run.output)
-    assert match, f"no 'encoded N samples ... img/s' line in ldtok encode's output:\n{run.output[-2000:]}"
-    encoded, skipped, rate = int(match.group(1)), int(match.group(2)), float(match.group(3))
-    assert (encoded, skipped) == (count, 0), f"ldtok encode encoded {encoded} ({skipped} skipped) of {count} images"
-    assert rate > 0, f"ldtok encode reported {rate} img/s"
-    result = CaseResult(images=encoded, images_per_s=rate, e2e_images_per_s=encoded / run.wall_seconds,
-                        seconds=encoded / rate, wall_seconds=run.wall_seconds, peak_memory_mib=run.peak_memory_mib,
-                        output_mib=_size_mib(out))  # fmt: skip
-    shutil.rmtree(out)
-    return result
+    if out.exists():
+        shutil.rmtree(out)
+    with torch_threads(config.threads):
+        t0 = time.perf_counter()
+        result = encode_dataset(encode_config(config, model=model, images=images, out=out, work=work,
+                                              setting=setting), log=lambda message: None)
+        wall = time.perf_counter() - t0
+    assert (result.encoded, result.skipped) == (count, 0), (
+        f"encode_dataset encoded {result.encoded} ({result.skipped} skipped) of {count} images")
+    assert result.totals["num_samples"] == count and result.images_per_s > 0, result
+    case = CaseResult(images=result.encoded, images_per_s=result.images_per_s, e2e_images_per_s=result.encoded / wall,
+                      seconds=result.seconds, wall_seconds=wall, peak_memory_mib=result.peak_memory_mib,
+                      output_mib=_size_mib(out))  # fmt: skip
+    if not keep_output:
+        shutil.rmtree(out)
+    return case
 
 
 def naive_case(config: EncodeBenchConfig, *, model: str, images: Path, count: int, work: Path) -> CaseResult:
@@ -311,6 +341,8 @@ def model_label(model: str) -> str:
 def run_benchmark(config: EncodeBenchConfig, *, work_dir: str | Path | None = None,
                   log: Callable[[str], None] = lambda message: None) -> list[Row]:
     """Measure both sides on every model at `1x` and `scale`x, in a temporary folder inside `work_dir`."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the in-process side, as the naive children: offline
+        os.environ.setdefault(key, "1")
     files = source_images(config.source_dir)
     N, K = config.num_images, config.scale
     if len(files) < N:
@@ -339,59 +371,7 @@ def run_benchmark(config: EncodeBenchConfig, *, work_dir: str | Path | None = No
     return rows
 
 
-def format_table(rows: list[Row], *, scale: int) -> str:
-    """img/s and e2e img/s on the `scale`x dataset, the ratio to the naive loop, peak memory at 1x and `scale`x."""
-    header = ("name", "img/s", "ratio", "e2e img/s", "peak MiB 1x", f"peak MiB {scale}x", "growth MiB")
-    lines = [[r.name, f"{r.large.images_per_s:.1f}", f"{r.ratio:.2f}x", f"{r.large.e2e_images_per_s:.1f}",
-              f"{r.small.peak_memory_mib:.0f}", f"{r.large.peak_memory_mib:.0f}", f"{r.growth_mib:+.1f}"]
-             for r in rows]
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-
-    def fmt(cells) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
-
-
-def environment() -> dict:
-    """Versions and the machine, for the JSON report (read without importing torch)."""
-    env = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": sys.platform}
-    for package in ("torch", "diffusers", "datasets", "torchvision"):
-        try:
-            env[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            env[package] = None
-    if hasattr(os, "getloadavg"):
-        env["load_average"] = list(os.getloadavg())  # 1, 5, 15 min, at the end: other work skews the rates
-    return env
-
-
-NOTES = [
-    "img/s: on the large dataset; ldtok: the rate `ldtok encode` prints (its encoding loop); naive: the file loop and "
-    "the final torch.save; e2e: images / wall time of the whole process",
-    "ratio: img/s over the naive loop's",
-    "peak memory: ru_maxrss of a fresh process per case (interpreter and libraries included); growth: large - 1x",
-    "ldtok encode --samples-per-shard: min(1024, 1x size) unless set, so that the 1x run already holds a full shard "
-    "buffer (ldtok's memory depends on the shard size, not on the dataset size)",
-    "naive: diffusers from_pretrained, PIL + torchvision Resize/CenterCrop, vae.encode(x[None]) in fp32 under "
-    "no_grad, latents kept in a list, torch.save(torch.cat(...)) at the end",
-]
-
-
-def write_report(path: str | Path, config: EncodeBenchConfig, rows: list[Row]) -> None:
-    """Write the rows, the config and the environment as JSON (atomically)."""
-    report = {
-        "config": asdict(config),
-        "environment": environment(),
-        "notes": NOTES,
-        "rows": [{"name": r.name, "side": r.side, "setting": r.setting, "model": r.model, "ratio": r.ratio,
-                  "small": asdict(r.small), "large": asdict(r.large), "growth_mib": r.growth_mib,
-                  "growth_bytes_per_image": r.growth_bytes_per_image} for r in rows],
-    }
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-
-
 __all__ = [
-    "CaseResult", "EncodeBenchConfig", "Row", "format_table", "ldtok_case", "link_images", "naive_case",
-    "run_benchmark", "run_process", "source_images", "write_report",
+    "CaseResult", "EncodeBenchConfig", "Row", "encode_config", "format_table", "ldtok_case", "link_images",
+    "naive_case", "run_benchmark", "run_process", "source_images", "write_report",
 ]

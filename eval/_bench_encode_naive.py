@@ -16,8 +16,11 @@ from ldtok.atomic import write_text_atomic
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def naive_encode(*, model: str, images: str, resolution: int, out: str) -> dict:
+def naive_encode(*, model: str, images: str, resolution: int, out: str, sample: bool = True) -> dict:
     """The loop users write without ldtok (module docstring), in this process.
+
+    `sample=False` keeps the posterior mean (`latent_dist.mode()`) instead of a sample: the same work, and latents a
+    test can compare with what `ldtok encode` stores.
 
     Returns:
         `dict` with `images` (encoded), `seconds` (the loop and the save), `device` and `threads` (torch's intra-op).
@@ -43,7 +46,8 @@ def naive_encode(*, model: str, images: str, resolution: int, out: str) -> dict:
         for path in files:
             x = transform(Image.open(path).convert("RGB")).to(device)  # (3, R, R) in [-1, 1]
             if isinstance(vae, diffusers.AutoencoderKL):
-                z = vae.encode(x[None]).latent_dist.sample() * vae.config.scaling_factor  # (1, C, h, w)
+                posterior = vae.encode(x[None]).latent_dist
+                z = (posterior.sample() if sample else posterior.mode()) * vae.config.scaling_factor  # (1, C, h, w)
             else:
                 h = vae.encode(x[None]).latents  # (1, C, h, w), before quantization
                 _, _, (_, _, indices) = vae.quantize(h)

@@ -3,13 +3,14 @@
     python eval/bench_encode.py --model /tmp/demo-kl/final /tmp/demo-vq/final --resolution 64 \\
         --num-images 256 --scale 10 --out runs/bench/encode.json
 
-Each (model, side, size) runs in a fresh process with one intra-op thread (`--threads`). ldtok: `python -m ldtok.cli
-encode --data-source folder` (batch 32, fp16 storage, one process, no DataLoader workers, shards of min(1024, 1x)
-samples); naive: diffusers `from_pretrained`, then per file PIL + torchvision Resize/CenterCrop, `vae.encode(x[None])`
-in fp32, latents kept in a list and `torch.save`d at the end. 1x: the first `--num-images` files of `--source-dir`
-(default: the 512 training crops of the default dataset); 10x: a folder linking each of them `--scale` times. Peak
-memory: `ru_maxrss` of each process. The defaults (256 and 2560 images at 64 px) take about 1.5 minutes per demo model
-on 2 CPU cores. See `eval/_bench_encode.py` for exactly what is measured. Prints the table, writes JSON.
+One intra-op thread (`--threads`). ldtok: `ldtok.encoding.encode_dataset` in this process, as `ldtok encode
+--data-source folder` runs it (batch 32, fp16 storage, one process, no DataLoader workers, shards of min(1024, 1x)
+samples); naive, in a fresh process per case: diffusers `from_pretrained`, then per file PIL + torchvision
+Resize/CenterCrop, `vae.encode(x[None])` in fp32, latents kept in a list and `torch.save`d at the end. 1x: the first
+`--num-images` files of `--source-dir` (default: the 512 training crops of the default dataset); 10x: a folder
+linking each of them `--scale` times. Peak memory: `ru_maxrss` (naive: of its process; ldtok: of this one, 1x
+first). The defaults (256 and 2560 images at 64 px) take about 1.5 minutes per demo model on 2 CPU cores. See
+`eval/_bench_encode.py` for exactly what is measured. Prints the table, writes JSON.
 """
 
 import argparse
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"bench_encode: {e}")
     print(format_table(rows, scale=K))
-    print(f"img/s: on the {K}x dataset (ldtok: the rate `ldtok encode` prints; naive: its file loop and save); "
-          "e2e: images / whole-process wall time; ratio: over the naive loop")
-    print(f"peak memory: ru_maxrss of a fresh process per case; growth: {K}x minus 1x")
+    print(f"img/s: on the {K}x dataset (ldtok: encode_dataset's own rate; naive: its file loop and save); "
+          "e2e: images / wall time of the whole call or process; ratio: over the naive loop")
+    print(f"peak memory: ru_maxrss (naive: a fresh process per case; ldtok: this process, 1x first); growth: {K}x "
+          "minus 1x")
     write_report(out, config, rows)
     print(f"wrote {out}")
 

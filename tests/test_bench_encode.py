@@ -1,5 +1,6 @@
 """The encoding benchmark (`eval/bench_encode.py`, `eval/_bench_encode.py`): a CPU smoke run of both sides on a tiny
-exported KL model, and the Kx image folder."""
+exported KL model, the Kx image folder, and both sides computing the same latents of the same images (the ldtok side
+calls `encode_dataset` in process and reports its own counts)."""
 
 import importlib.util
 import json
@@ -13,7 +14,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # the benchmark code lives beside the library
-from _bench_encode import EncodeBenchConfig, link_images, source_images  # noqa: E402
+from _bench_encode import EncodeBenchConfig, ldtok_case, link_images, source_images  # noqa: E402
+from _bench_encode_naive import naive_encode  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from ldtok.models import ModelConfig, build_model
 
@@ -111,3 +114,37 @@ def test_shard_size_defaults_to_the_1x_size_and_models_need_a_diffusers_class(kl
         EncodeBenchConfig(models=[str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         EncodeBenchConfig(models=[str(tmp_path / "missing")])
+
+
+def test_both_sides_write_the_same_latents_of_the_same_images(kl_model, tmp_path):
+    """Square images at the encoder's resolution (no resampling on either side): ldtok's stored posterior means
+    (fp32, the `equal` setting), scaled, are the naive loop's `mode() * scaling_factor`; the counts are the files'."""
+    folder = tmp_path / "square"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(folder / f"sq{i}.png")
+    config = EncodeBenchConfig(models=[str(kl_model)], resolution=32, num_images=6, scale=2, batch_size=2,
+                               dtype="fp32")
+    assert config.samples_per_shard == 6
+    work = tmp_path / "work"
+    work.mkdir()
+    case = ldtok_case(config, model=str(kl_model), images=folder, count=6, work=work, setting="equal",
+                      keep_output=True)
+    assert case.images == 6 and case.seconds > 0 and case.images_per_s == pytest.approx(6 / case.seconds)
+    with pytest.raises(AssertionError, match="encoded 6 .* of 7 images"):  # a wrong count is caught
+        ldtok_case(config, model=str(kl_model), images=folder, count=7, work=work, setting="equal")
+    stored = {}
+    for shard in sorted((work / "ldtok-shards").glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for sample_id, mean in zip(json.loads(f.metadata()["ids"]), f.get_tensor("mean")):
+                stored[Path(sample_id).name] = mean
+    assert sorted(stored) == [f"sq{i}.png" for i in range(6)]
+    measured = naive_encode(model=str(kl_model), images=str(folder), resolution=32, out=str(tmp_path / "naive.pt"),
+                            sample=False)
+    assert measured["images"] == 6
+    naive = torch.load(tmp_path / "naive.pt", weights_only=True)  # (6, C, h, w), files in sorted order
+    scaling = json.loads((kl_model / "config.json").read_text())["scaling_factor"]
+    ours = torch.stack([stored[f"sq{i}.png"] for i in range(6)]) * scaling
+    assert naive.shape == ours.shape == (6, 4, 16, 16)
+    assert torch.allclose(ours, naive, atol=1e-5), (ours - naive).abs().max()

@@ -142,10 +142,16 @@ def test_quantizer_keys_are_validated_and_errors_name_the_key(override, key):
 def test_derived_codebook_sizes_must_agree():
     fsq = QuantizerConfig(type="fsq", levels=[8, 8, 8, 5, 5, 5])
     assert (fsq.codebook_size, fsq.codebook_dim) == (64000, 6)
-    with pytest.raises(ConfigError, match="model.quantizer.codebook_size"):
+    # a section's own error names its key; from_dict (YAML / key=value) prefixes the section's dotted path
+    with pytest.raises(ConfigError, match="^codebook_size: type lfq implies 262144, got 1000"):
         QuantizerConfig(type="lfq", codebook_dim=18, codebook_size=1000)
-    with pytest.raises(ConfigError, match="model.quantizer.entropy_groups"):
+    with pytest.raises(ConfigError, match="^entropy_groups: must divide codebook_dim=18"):
         QuantizerConfig(type="lfq", codebook_dim=18, entropy_groups=4)
+    base = ["model.type=vqgan", "model.quantizer.type=lfq", "model.quantizer.codebook_dim=18"]
+    with pytest.raises(ConfigError, match=r"^model\.quantizer\.codebook_size: type lfq implies 262144, got 1000"):
+        load_config(RunConfig, None, [*base, "model.quantizer.codebook_size=1000"])
+    with pytest.raises(ConfigError, match=r"^model\.quantizer\.entropy_groups: must divide"):
+        load_config(RunConfig, None, [*base, "model.quantizer.entropy_groups=4"])
     with pytest.raises(ConfigError, match="model.quantizer.type"):
         from ldtok.models import ModelConfig
         from ldtok.models.vqvae2 import VQVAE2Autoencoder

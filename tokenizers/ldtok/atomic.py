@@ -1,11 +1,13 @@
 """Files that are never half-written: write a temporary file next to the target, then rename it over the target.
 
-The one atomic writer of ldtok (shards, part manifests, `index.json`, reports, configs). A failed write removes its
+The one atomic writer of ldtok (shards, part manifests, `index.json`, reports, configs): the data is fsynced
+before the rename and the directory after it, so the new name survives a power cut. A failed write removes its
 temporary file, and a full disk is reported as `DiskFullError` ("disk full while writing <path>"), not a traceback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +26,7 @@ def _write_and_sync(f, data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """fsync the directory so the rename itself survives a power cut (a kill -9 cannot undo it anyway)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -59,9 +61,25 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if full is not None:
             raise full from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
+
+
+def sync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file under `directory` and every folder in it (bottom-up), before the tree is renamed into place
+    (`ldtok.models.export.save_pretrained_atomic`): after the rename and a power cut the files are complete."""
+    directory = Path(directory)
+    for root, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
+    """`obj` as JSON (and a final newline) at `path`, atomically (`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())

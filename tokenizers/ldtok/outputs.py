@@ -41,6 +41,11 @@ class QuantizerOutput:
     entropy_loss: Tensor | None = None
     stages: list[QuantizerOutput] | None = None
 
+    def __iter__(self):
+        """diffusers' quantizer convention, for `VQModel.decode` / `forward` on a `VQModel` holding one of ours:
+        `quant, loss, (perplexity, None, indices) = quantizer(h)`. ldtok code reads the fields by name."""
+        return iter((self.quantized, self.loss, (self.perplexity, None, self.indices)))
+
 
 @dataclass
 class AutoencoderOutput:

@@ -9,7 +9,9 @@ a file),
 decode the stored posterior mean (the model's own reconstruction), or a posterior sample with `--sample`; VQ shards
 decode their indices. Every file is written atomically.
 
-The model must be the one the shards were encoded with: another architecture, or the same architecture with other
+`--model` defaults to the model `index.json` records (`ldtok.shards.resolve_model`: the path relative to the
+shard directory, then the absolute one, the weights hash checked). The model must be the one the shards were encoded
+with: another architecture, or the same architecture with other
 weights (`tokenizer_sha256`, recorded in `index.json`), is refused with exit status 1 unless `--force` (then a
 warning). So is a model whose downsampling factor does not divide the shards' resolution.
 """
@@ -48,7 +50,9 @@ def image_file_name(sample_id: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", help="shard directory with an index.json (from `ldtok encode`)")
-    parser.add_argument("--model", required=True, help="the tokenizer directory the shards were encoded with")
+    parser.add_argument("--model", help="the tokenizer directory the shards were encoded with (default: the one "
+                                        "index.json records, relative to the shard directory; its weights hash is "
+                                        "checked)")
     parser.add_argument("--out", required=True, help="output folder for the PNGs")
     parser.add_argument("--limit", type=int, help="decode only the first N samples (in index order)")
     parser.add_argument("--grid", action="store_true", help="also write grid.png of the first --grid-size images")
@@ -73,21 +77,6 @@ def _grid(images: list[Tensor], *, columns: int = 8):
     return make_grid(rows)
 
 
-@torch.no_grad()
-def decode_rows(model, rows: dict[str, Tensor], *, kind: str, sample: bool, generator: torch.Generator | None,
-                device: torch.device) -> Tensor:  # fmt: skip
-    """Images `(B, 3, H, W)` in [-1, 1] from one batch of stored fields (names without the `_flip` suffix)."""
-    if kind == "kl":
-        z = rows["mean"].float()  # (B, C, h, w), unscaled
-        if sample:
-            std = torch.exp(0.5 * rows["logvar"].float().clamp(-30.0, 20.0))  # as DiagonalGaussianDistribution
-            z = z + std * torch.randn(z.shape, generator=generator)
-        return model.decode_latents(z.to(device))
-    if kind == "vq":
-        return model.decode_indices(rows["indices"].long().to(device))
-    return model.decode_indices(rows["indices_top"].long().to(device), rows["indices_bottom"].long().to(device))
-
-
 def check_same_model(model, model_dir: Path, manifest: dict, shard_dir: Path, *, force: bool) -> None:
     """Refuse (or with `force`, warn about) a model other than the one that encoded the shards."""
     from ldtok.models import tokenizer_sha256
@@ -95,8 +84,9 @@ def check_same_model(model, model_dir: Path, manifest: dict, shard_dir: Path, *,
     recorded = manifest.get("model") or {}
     meta = manifest["metadata"]
     problems = []
-    if model.kind != manifest["kind"]:
-        problems.append(f"it is a {model.kind!r} model and the shards hold {manifest['kind']!r} latents")
+    if model.latent_kind != manifest["kind"]:
+        problems.append(f"it is a {model.family!r} model of {model.latent_kind!r} latents and the shards hold "
+                        f"{manifest['kind']!r} latents")
     expected = meta.get("model_config_sha256")
     if expected and model.config_sha256() != expected:
         problems.append(f"its architecture (config sha256 {model.config_sha256()[:12]}) differs from the encoder's "
@@ -109,18 +99,18 @@ def check_same_model(model, model_dir: Path, manifest: dict, shard_dir: Path, *,
         return
     message = (f"{model_dir} is not the model {shard_dir} was encoded with ({recorded.get('path', 'path unknown')}): "
                f"{'; '.join(problems)}")  # fmt: skip
-    if not force or model.kind != manifest["kind"]:
-        raise LdtokError(message + ("" if model.kind != manifest["kind"] else "; pass --force to decode anyway"))
+    if not force or model.latent_kind != manifest["kind"]:
+        raise LdtokError(message + ("" if model.latent_kind != manifest["kind"] else "; pass --force to decode anyway"))
     print(f"warning: {message}; decoding anyway (--force)", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
+    from ldtok.atomic import write_json_atomic
     from ldtok.images import save_image_atomic, to_pil
     from ldtok.models import load_tokenizer
-    from ldtok.shards import KIND_FIELDS, load_manifest
-    from ldtok.shards.manifest import atomic_write_json
+    from ldtok.shards import load_manifest, resolve_model
     from ldtok.shards.verify import index_problems
 
     shard_dir, out_dir = Path(args.shards), Path(args.out)
@@ -132,16 +122,18 @@ def run(args: argparse.Namespace) -> int:
     problems = index_problems(manifest)
     if problems:
         raise LdtokError(f"{shard_dir}: {problems[0]}")
-    kind = manifest["kind"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
+    if args.model is None:  # the recorded model, found relative to the shards and checked by its weights hash
+        model_dir = resolve_model(shard_dir, manifest=manifest)
+    else:
+        model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
     model = load_tokenizer(model_dir, device=device)
     check_same_model(model, model_dir, manifest, shard_dir, force=args.force)
     resolution = manifest["metadata"].get("resolution")
     if resolution is not None:
         check_resolution(int(resolution), model.downsample_factor, what=f"the shards' resolution ({shard_dir})")
-    names = list(KIND_FIELDS[kind])
-    if kind == "kl" and not args.sample:
+    names = list(model.latent.fields)
+    if model.latent.gaussian and not args.sample:
         names = ["mean"]
     suffix = "_flip" if args.flipped else ""
     missing = [n + suffix for n in names if n + suffix not in (manifest["fields"] or {})]
@@ -165,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             for lo in range(0, n, args.batch_size):
                 hi = min(lo + args.batch_size, n)
                 rows = {name: f.get_slice(name + suffix)[lo:hi] for name in names}
-                images = decode_rows(model, rows, kind=kind, sample=args.sample, generator=generator, device=device)
+                images = model.decode_fields(rows, sample=args.sample, generator=generator)
                 for sample_id, image in zip(ids[lo:hi], images.float().cpu()):
                     name = image_file_name(sample_id)
                     if name in used:  # ids "a" and "a.png" would both be a.png
@@ -177,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                     files[sample_id] = name
                     if args.grid and len(grid) < args.grid_size:
                         grid.append(image)
-    atomic_write_json(out_dir / "decoded.json", {"shards": str(shard_dir.resolve()), "model": str(args.model),
+    write_json_atomic(out_dir / "decoded.json", {"shards": str(shard_dir.resolve()), "model": str(model_dir),
                                                  "sample": args.sample, "flipped": args.flipped, "files": files})
     if args.grid and grid:
         save_image_atomic(_grid(grid), out_dir / "grid.png")

@@ -25,7 +25,12 @@ class LatentPicture:
 
 
 def has_posterior(model) -> bool:
-    """Whether `model` exposes a Gaussian latent the tools can move through (KL models, the MLP VAE / AE)."""
+    """Whether `model` exposes a Gaussian latent the tools can move through (KL models, the MLP VAE / AE): the
+    tokenizer says so (`Tokenizer.has_gaussian_latent`); a module outside the interface, by having
+    `encode_posterior` and `decode_latents`."""
+    says = getattr(model, "has_gaussian_latent", None)
+    if says is not None:
+        return bool(says)
     return hasattr(model, "encode_posterior") and hasattr(model, "decode_latents")
 
 

@@ -1,5 +1,7 @@
-"""Autoencoder families: KL-VAE (diffusers `AutoencoderKL`), VQGAN and VQ-VAE-2."""
+"""Autoencoder families (KL-VAE on diffusers' `AutoencoderKL`, MLP VAE, VAE-2, VQGAN, VQ-VAE-2), each implementing the
+`Tokenizer` interface of `base.py` (family vs latent kind, shard fields, encode / decode to them)."""
 
+from .base import Tokenizer
 from .config import MODEL_PRESETS, ModelConfig
 from .export import save_pretrained_atomic
 from .kl import KLAutoencoder, build_autoencoder_kl
@@ -49,6 +51,7 @@ __all__ = [
     "MODEL_PRESETS",
     "KLAutoencoder",
     "ModelConfig",
+    "Tokenizer",
     "build_autoencoder_kl",
     "build_model",
     "load_tokenizer",

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from ..config import check_choice, check_range, invalid
 from ..quantizers import QuantizerConfig
+
+MODEL_FAMILIES = ("kl", "vqgan", "vqvae2", "mlp", "vae2")  # model.type: the family (its shards' kind may differ)
 
 # Architecture presets (DiT's `DiT_models`, LlamaGen's `VQ_models`): a name -> the `model.*` keys it sets.
 # A YAML config selects one with `model.preset: NAME`; keys given next to it override the preset's.
@@ -83,10 +86,11 @@ class ModelConfig:
     """Architecture of the autoencoder being trained.
 
     Args:
-        type (`"kl"`, `"vqgan"`, `"vqvae2"`, `"mlp"` or `"vae2"`): the model family. `mlp`: an MLP VAE / AE for small
-            images (`block_out_channels` are then the hidden layer widths, `latent_channels` the latent size, e.g. 2;
-            `ldtok.models.mlp`). `vae2`: a two-level hierarchical KL-VAE laid out like VQ-VAE-2, `latent_channels`
-            Gaussian channels per level (`ldtok.models.vae2`).
+        type (`"kl"`, `"vqgan"`, `"vqvae2"`, `"mlp"` or `"vae2"`): the model family (not the latent kind its shards
+            store: a `vqgan` writes `"vq"` shards, an `mlp` `"kl"` ones; see `ldtok.models.base`). `mlp`: an MLP
+            VAE / AE for small images (`block_out_channels` are then the hidden layer widths, `latent_channels` the
+            latent size, e.g. 2; `ldtok.models.mlp`). `vae2`: a two-level hierarchical KL-VAE laid out like
+            VQ-VAE-2, `latent_channels` Gaussian channels per level (`ldtok.models.vae2`).
         init_from (`str`, *optional*): a diffusers model directory to start from (fine-tuning). Its own config then
             defines the architecture, and the architecture keys below must be left at their defaults.
         in_channels (`int`, defaults to 3): image channels.
@@ -122,10 +126,16 @@ class ModelConfig:
 
     def __post_init__(self):
         self.block_out_channels = list(self.block_out_channels)
+        check_choice(self, "type", MODEL_FAMILIES)
+        for name in ("in_channels", "layers_per_block", "latent_channels", "norm_num_groups", "sample_size"):
+            check_range(self, name, ge=1)
+        if any(c < 1 for c in self.block_out_channels) or (not self.block_out_channels and self.type != "mlp"):
+            # (an MLP without hidden layers is the linear autoencoder)
+            raise invalid("block_out_channels", f"needs positive widths (at least one), got {self.block_out_channels}")
         for c in self.block_out_channels if self.type != "mlp" else ():  # MLP widths have no GroupNorm
-            assert c % self.norm_num_groups == 0, (
-                f"model.block_out_channels entry {c} is not divisible by model.norm_num_groups={self.norm_num_groups}"
-            )
+            if c % self.norm_num_groups:
+                raise invalid("block_out_channels", f"entry {c} is not divisible by norm_num_groups="
+                                                    f"{self.norm_num_groups}")
 
     def diffusers_architecture(self) -> dict:
         """The keyword arguments that diffusers' `AutoencoderKL` and `VQModel` share, from this config."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from diffusers import ModelMixin
 
+from ..atomic import fsync_dir, sync_tree
 from ..model_card import CARD_NAME, render_model_card
 
 
@@ -31,11 +32,13 @@ def save_pretrained_atomic(model: ModelMixin, path: str | os.PathLike, *, extra_
     (tmp / CARD_NAME).write_text(render_model_card(json.loads((tmp / "config.json").read_text())))
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    sync_tree(tmp)  # the files reach the disk before the rename makes them the export (as ldtok.atomic's files)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path

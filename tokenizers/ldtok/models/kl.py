@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..outputs import AutoencoderOutput
 from ..regularizers import jacobian_frobenius_sq
+from .base import GaussianTokenizer
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 from .shapes import check_image_size
@@ -33,7 +34,7 @@ def build_autoencoder_kl(config: ModelConfig) -> AutoencoderKL:
     return AutoencoderKL(**config.diffusers_architecture())
 
 
-class KLAutoencoder(nn.Module):
+class KLAutoencoder(nn.Module, GaussianTokenizer):
     """Training wrapper around a diffusers `AutoencoderKL`.
 
     `forward` encodes, samples the posterior (its mean in deterministic mode or in eval mode) and decodes, and returns
@@ -48,7 +49,8 @@ class KLAutoencoder(nn.Module):
             projections; 0 computes none.
     """
 
-    kind = "kl"
+    family = "kl"
+    latent_kind = "kl"
 
     def __init__(self, *, vae: AutoencoderKL, deterministic: bool = False, contractive_samples: int = 0):
         super().__init__()

@@ -7,11 +7,13 @@
   whether codes are l2-normalized; other VQModels use plain nearest-code quantization, as diffusers does);
 - `QuantizedAutoencoder` (ldtok's export of FSQ / LFQ / BSQ / residual-VQ VQGANs) -> `VQGAN` with that quantizer;
 - `VQVAE2` -> `VQVAE2Autoencoder`;
-- `MLPAutoencoder` -> `MLPVAEAutoencoder` (a KL model, `kind` "kl"); `VAE2` -> `VAE2Autoencoder` (`kind` "vae2").
+- `MLPAutoencoder` -> `MLPVAEAutoencoder` (family "mlp", latent kind "kl"); `VAE2` -> `VAE2Autoencoder` (family
+  "vae2", no shard format yet).
 
-The result is in eval mode with gradients off, and has `kind` ("kl", "vq" or "vqvae2"), `forward(x) ->
-AutoencoderOutput`, `config_sha256()`, `downsample_factor` (what image sides must be multiples of), and per family
-`encode_posterior` / `decode_latents` (KL) or `encode_to_indices` / `decode_indices` / `codebook_sizes` (VQ).
+The result is in eval mode with gradients off and implements `ldtok.models.base.Tokenizer`: its `family` and
+`latent_kind` ("kl", "vq" or "vqvae2"), `shard_fields` / `encode_fields` / `decode_fields`, `codebook_sizes`,
+`forward(x) -> AutoencoderOutput`, `config_sha256()`, `downsample_factor` (what image sides must be multiples of),
+and per family `encode_posterior` / `decode_latents` (KL) or `encode_to_indices` / `decode_indices` (VQ).
 
 `tokenizer_sha256(path)` identifies a model directory by its weights *and* its architecture: latent shards record it,
 so a resume or a decode with other weights is refused.

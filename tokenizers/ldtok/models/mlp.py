@@ -19,6 +19,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..regularizers import logits_to_image
 from .config import ModelConfig
 from .kl import KLAutoencoder
@@ -110,6 +111,8 @@ class MLPVAEAutoencoder(KLAutoencoder):
         contractive_samples (`int`, defaults to 0): see `KLAutoencoder`.
     """
 
+    family = "mlp"
+
     def __init__(self, *, vae: MLPAutoencoder, contractive_samples: int = 0):
         super().__init__(vae=vae, deterministic=vae.config.deterministic, contractive_samples=contractive_samples)
 
@@ -123,9 +126,9 @@ class MLPVAEAutoencoder(KLAutoencoder):
                     ) -> MLPVAEAutoencoder:
         if config.init_from is not None:
             vae = MLPAutoencoder.from_pretrained(config.init_from)
-            assert vae.config.decoder_logits == decoder_logits, (
-                f"model.init_from={config.init_from} has decoder_logits={vae.config.decoder_logits}, but "
-                f"loss.reconstruction asks for {decoder_logits}")
+            if vae.config.decoder_logits != decoder_logits:
+                raise ConfigError(f"model.init_from={config.init_from} has decoder_logits="
+                                  f"{vae.config.decoder_logits}, but loss.reconstruction asks for {decoder_logits}")
         else:
             vae = MLPAutoencoder(
                 in_channels=config.in_channels, sample_size=config.sample_size,

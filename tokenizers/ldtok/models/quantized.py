@@ -24,9 +24,10 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
 from ..quantizers import QuantizerConfig, build_quantizer
+from .base import CodeTokenizer
 
 
-class QuantizedAutoencoder(ModelMixin, ConfigMixin):
+class QuantizedAutoencoder(ModelMixin, ConfigMixin, CodeTokenizer):
     """Encoder, quantizer and decoder of an ldtok VQGAN with an FSQ / LFQ / BSQ / residual quantizer.
 
     Args:
@@ -34,6 +35,10 @@ class QuantizedAutoencoder(ModelMixin, ConfigMixin):
         latent_channels, norm_num_groups, sample_size, mid_block_add_attention: diffusers `VQModel`'s arguments.
         quantizer (`dict`): the `QuantizerConfig` fields (`type`, `levels`, `codebook_dim`, ...).
     """
+
+    family = "vqgan"
+    latent_kind = "vq"
+    level_names = ["code"]  # noqa: RUF012 - the Tokenizer interface's class attribute
 
     @register_to_config
     def __init__(
@@ -68,6 +73,18 @@ class QuantizedAutoencoder(ModelMixin, ConfigMixin):
         from .vqgan import VQGAN
 
         return VQGAN(vqmodel=self.vqmodel, quantizer=self.vqmodel.quantize, quantizer_config=self.quantizer_config)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.vqmodel.quantize.codebook_size]
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.vqmodel.decoder.conv_out.weight
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode_to_indices(self, images: Tensor) -> Tensor:
         """Code indices of `images` `(B, 3, H, W)` in [-1, 1] (eval semantics)."""

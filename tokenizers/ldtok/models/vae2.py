@@ -30,10 +30,13 @@ from diffusers.models.autoencoders.vae import Decoder, DiagonalGaussianDistribut
 from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..outputs import AutoencoderOutput
 from ..regularizers import logits_to_image
+from .base import NoShardFormat
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
+from .shapes import check_image_size
 
 
 def gaussian_kl_map(q: DiagonalGaussianDistribution, p: DiagonalGaussianDistribution | None = None) -> Tensor:
@@ -110,9 +113,7 @@ class VAE2(ModelMixin, ConfigMixin):
         return self.decoder.conv_out.weight
 
     def _check_size(self, x: Tensor) -> None:
-        f2 = 2 * self.downsample_factor
-        H, W = x.shape[-2:]
-        assert H % f2 == 0 and W % f2 == 0, f"image size {H}x{W} not divisible by the top latent's factor {f2}"
+        check_image_size(*x.shape[-2:], 2 * self.downsample_factor, what="image size (top latent: factor 2f)")
 
     def encode_top(self, x: Tensor) -> tuple[Tensor, DiagonalGaussianDistribution]:
         """Bottom features `h` `(B, C, H/f, W/f)` and the top posterior `q(z_top | x)` `(B, D, H/2f, W/2f)`."""
@@ -174,7 +175,7 @@ class VAE2(ModelMixin, ConfigMixin):
         save_pretrained_atomic(self, path)
 
 
-class VAE2Autoencoder(nn.Module):
+class VAE2Autoencoder(nn.Module, NoShardFormat):
     """Trainable hierarchical KL-VAE (`model.type: vae2`): the trainer's interface around a `VAE2`.
 
     `forward` samples both posteriors in training mode and uses their means in eval mode, as `KLAutoencoder` does.
@@ -183,7 +184,8 @@ class VAE2Autoencoder(nn.Module):
         vae2 (`VAE2`): the model being trained, and what `export` writes.
     """
 
-    kind = "vae2"
+    family = "vae2"
+    latent_kind = "vae2"  # no shard format yet
     level_names: ClassVar[list[str]] = VAE2.level_names
 
     def __init__(self, *, vae2: VAE2):
@@ -195,9 +197,9 @@ class VAE2Autoencoder(nn.Module):
         """Build from the `model` section (`init_from`: a `VAE2` directory, whose config defines the architecture)."""
         if config.init_from is not None:
             model = VAE2.from_pretrained(config.init_from)
-            assert model.config.decoder_logits == decoder_logits, (
-                f"model.init_from={config.init_from} has decoder_logits={model.config.decoder_logits}, but "
-                f"loss.reconstruction asks for {decoder_logits}")
+            if model.config.decoder_logits != decoder_logits:
+                raise ConfigError(f"model.init_from={config.init_from} has decoder_logits="
+                                  f"{model.config.decoder_logits}, but loss.reconstruction asks for {decoder_logits}")
         else:
             model = VAE2(
                 in_channels=config.in_channels, block_out_channels=tuple(config.block_out_channels),

@@ -33,10 +33,8 @@ the indices from ldtok.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -47,76 +45,15 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..outputs import AutoencoderOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer, build_quantizer
+from ..quantizers.state import check_quantizer_matches, load_codebook_, quantizer_metrics, quantizers_eval
+from .base import CodeTokenizer
+from .blocks import enable_gradient_checkpointing
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 from .shapes import check_image_size
 
 # What diffusers' VQModel config cannot say about our codes (l2 normalization), next to config.json.
 LDTOK_SIDECAR = "ldtok.json"
-
-# QuantizerConfig fields that change the quantizer's state layout or the meaning of its codes: a checkpoint must agree.
-STRUCTURAL_QUANTIZER_FIELDS = ("type", "codebook_size", "codebook_dim", "l2_normalize", "ema")
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute the activations of every diffusers block that supports it (`Encoder` / `Decoder` down, mid and up
-    blocks) in the backward pass. `VQModel` does not declare `_supports_gradient_checkpointing`, so its
-    `enable_gradient_checkpointing()` refuses; its `Encoder` and `Decoder` do support it."""
-
-    def checkpoint(module: nn.Module, *args):
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-
-    found = False
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = checkpoint
-            found = True
-    assert found, f"{type(model).__name__} has no block that supports gradient checkpointing"
-
-
-@contextlib.contextmanager
-def quantizers_eval(*quantizers: VectorQuantizer) -> Iterator[None]:
-    """Put quantizers in eval mode for the block (no EMA update, no k-means, no restart, no collective), then restore
-    their mode. Only the quantizers change mode: the diffusers blocks behave the same in both."""
-    modes = [q.training for q in quantizers]
-    try:
-        for q in quantizers:
-            q.eval()
-        yield
-    finally:
-        for q, mode in zip(quantizers, modes):
-            q.train(mode)
-
-
-def quantizer_metrics(quantizer: nn.Module, suffix: str = "") -> dict[str, float]:
-    """Training-log metrics of one quantizer (its `training_metrics`): windowed usage in percent and, for VQ, the
-    codes restarted by the latest training step and in total."""
-    return quantizer.training_metrics(suffix)
-
-
-def check_quantizer_matches(quantizer: QuantizerConfig, checkpoint: dict, *, source: str, key: str) -> None:
-    """Raise a `ValueError` naming `model.<key>.<field>` when a structural field differs from the checkpoint's."""
-    for name in STRUCTURAL_QUANTIZER_FIELDS:
-        if name in checkpoint and getattr(quantizer, name) != checkpoint[name]:
-            raise ValueError(
-                f"model.{key}.{name}={getattr(quantizer, name)!r} does not match {source} ({name}={checkpoint[name]!r})"
-            )
-
-
-@torch.no_grad()
-def load_codebook_(quantizer: VectorQuantizer, table: Tensor) -> None:
-    """Start `quantizer` from a `(K, D)` code table: the EMA statistics agree with it (`embed_sum = table`,
-    `cluster_size = 1`) and it is marked initialized, so k-means does not overwrite it."""
-    K, D = quantizer.codebook_size, quantizer.codebook_dim
-    assert table.shape == (K, D), f"codebook of shape {tuple(table.shape)}, the quantizer expects {(K, D)}"
-    table = table.to(quantizer.embedding.device, torch.float32)
-    quantizer.embedding.copy_(table)
-    if quantizer.ema:
-        quantizer.embed_sum.copy_(table)
-        quantizer.cluster_size.fill_(1.0)
-    quantizer.initialized.fill_(1)
-    quantizer.steps_unused.zero_()
 
 
 def build_vqmodel(config: ModelConfig, quantizer: QuantizerConfig) -> VQModel:
@@ -151,7 +88,7 @@ def indices_from_diffusers_vqmodel(vqmodel: VQModel, images: Tensor, *, l2_norma
     return indices.reshape(B, h, w)
 
 
-class VQGAN(nn.Module):
+class VQGAN(nn.Module, CodeTokenizer):
     """Trainable VQGAN (`model.type: vqgan`): a diffusers `VQModel` whose `quantize` is one of ldtok's quantizers.
 
     Args:
@@ -163,16 +100,17 @@ class VQGAN(nn.Module):
             a quantizer other than `VectorQuantizer`.
     """
 
-    kind = "vq"
+    family = "vqgan"
+    latent_kind = "vq"  # the family is "vqgan"; its shards hold "vq" indices
     level_names: ClassVar[list[str]] = ["code"]
 
     def __init__(self, *, vqmodel: VQModel, quantizer: nn.Module, quantizer_config: QuantizerConfig | None = None):
         super().__init__()
         cfg = vqmodel.config
         embed_dim = cfg.vq_embed_dim if cfg.vq_embed_dim is not None else cfg.latent_channels
-        assert quantizer.codebook_dim == embed_dim, (
-            f"quantizer codebook_dim {quantizer.codebook_dim} != the VQModel's vq_embed_dim {embed_dim}"
-        )
+        if quantizer.codebook_dim != embed_dim:
+            raise ValueError(f"quantizer codebook_dim {quantizer.codebook_dim} != the VQModel's vq_embed_dim "
+                             f"{embed_dim}")
         vqmodel.quantize = quantizer  # one registration: the state dict has no duplicate keys
         self.vqmodel = vqmodel
         self.quantizer_config = quantizer_config
@@ -256,6 +194,13 @@ class VQGAN(nn.Module):
             return self.quantizer(self.encode_latents(images)).indices
 
     @torch.no_grad()
+    def reconstruct_from_latents(self, latents: Tensor) -> Tensor:
+        """Images `(B, 3, H, W)` from continuous latents `(B, D, h, w)` (`encode_latents(x)`, or an interpolation of
+        them): quantized in eval semantics (no codebook update) and decoded."""
+        with quantizers_eval(self.quantizer):
+            return self.decode_codes(self.quantizer(latents).quantized)
+
+    @torch.no_grad()
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Images `(B, 3, H, W)` of code indices `(B, h, w)`; equal to `forward(x).sample` in eval mode."""
         return self.decode_codes(self.quantizer.codes_from_indices(indices))
@@ -276,7 +221,8 @@ class VQGAN(nn.Module):
         diffusers `VQModel` cannot hold (FSQ, LFQ, BSQ, residual VQ)."""
         from .quantized import QuantizedAutoencoder
 
-        assert self.quantizer_config is not None, "export of a non-VQ quantizer needs quantizer_config"
+        if self.quantizer_config is None:
+            raise ValueError("export of a non-VQ quantizer needs quantizer_config")
         cfg = self.vqmodel.config
         keys = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
                 "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "mid_block_add_attention")
@@ -301,12 +247,5 @@ class VQGAN(nn.Module):
         return config_sha256({**self.vqmodel.config, "quantizer": dataclasses.asdict(self.quantizer_config)})
 
 
-__all__ = [
-    "VQGAN",
-    "build_vqmodel",
-    "enable_gradient_checkpointing",
-    "indices_from_diffusers_vqmodel",
-    "load_codebook_",
-    "quantizer_metrics",
-    "quantizers_eval",
-]
+# `quantizers_eval` is re-exported for ldtok.evaluation (it moved to ldtok.quantizers.state)
+__all__ = ["VQGAN", "build_vqmodel", "indices_from_diffusers_vqmodel", "quantizers_eval"]

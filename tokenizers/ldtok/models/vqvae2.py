@@ -38,12 +38,14 @@ from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..outputs import AutoencoderOutput
+from ..outputs import AutoencoderOutput, QuantizerOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer
+from ..quantizers.state import check_quantizer_matches, quantizer_metrics, quantizers_eval
+from .base import CodeTokenizer
+from .blocks import enable_gradient_checkpointing
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
 from .shapes import check_image_size
-from .vqgan import check_quantizer_matches, enable_gradient_checkpointing, quantizer_metrics, quantizers_eval
 
 # Quantizer options shared by both levels (the codebook size and dimension are per level).
 SHARED_QUANTIZER_FIELDS = ("l2_normalize", "ema", "decay", "eps", "beta", "kmeans_init", "kmeans_iters",
@@ -174,12 +176,26 @@ class VQVAE2(ModelMixin, ConfigMixin):
         latents = self.post_quant_conv(torch.cat([bottom_codes.contiguous(), top_up], dim=1))
         return self.decoder(latents)
 
+    def quantize_features(self, h: Tensor) -> tuple[QuantizerOutput, QuantizerOutput]:
+        """The top -> bottom chain, written once: both levels' quantizer outputs from encoder features `h`
+        `(B, C, H/f, W/f)`: the top code `(B, D_t, H/2f, W/2f)`, then the bottom code `(B, D_b, H/f, W/f)`
+        conditioned on it. In training mode each quantizer updates its codebook (a collective), top first."""
+        quant_top = self.quantize_top(self.quant_conv_top(self.encoder_top(h)))  # (B, D_t, H/2f, W/2f)
+        quant_bottom = self.quantize_bottom(self.bottom_input(h, quant_top.quantized))  # (B, D_b, H/f, W/f)
+        return quant_top, quant_bottom
+
+    @torch.no_grad()
+    def reconstruct_from_features(self, h: Tensor) -> Tensor:
+        """Images `(B, 3, H, W)` from encoder features `h` (`self.encoder(x)`, or an interpolation of them): both
+        levels re-quantized as in `forward`, in eval semantics (no codebook update), and decoded."""
+        with quantizers_eval(self.quantize_top, self.quantize_bottom):
+            quant_top, quant_bottom = self.quantize_features(h)
+        return self.decode_codes(quant_top.quantized, quant_bottom.quantized)
+
     def forward(self, x: Tensor) -> AutoencoderOutput:
         """Reconstruct `x` `(B, 3, H, W)`; `quant` is `[top, bottom]` quantizer outputs."""
         self._check_size(x)
-        h = self.encoder(x)  # (B, C, H/f, W/f)
-        quant_top = self.quantize_top(self.quant_conv_top(self.encoder_top(h)))  # (B, D_t, H/2f, W/2f)
-        quant_bottom = self.quantize_bottom(self.bottom_input(h, quant_top.quantized))  # (B, D_b, H/f, W/f)
+        quant_top, quant_bottom = self.quantize_features(self.encoder(x))  # h: (B, C, H/f, W/f)
         x_rec = self.decode_codes(quant_top.quantized, quant_bottom.quantized)
         return AutoencoderOutput(sample=x_rec, posterior=None, quant=[quant_top, quant_bottom])
 
@@ -188,9 +204,7 @@ class VQVAE2(ModelMixin, ConfigMixin):
         """Both levels' code indices of `images` `(B, 3, H, W)`; eval semantics (no codebook update)."""
         self._check_size(images)
         with quantizers_eval(self.quantize_top, self.quantize_bottom):
-            h = self.encoder(images)
-            quant_top = self.quantize_top(self.quant_conv_top(self.encoder_top(h)))
-            quant_bottom = self.quantize_bottom(self.bottom_input(h, quant_top.quantized))
+            quant_top, quant_bottom = self.quantize_features(self.encoder(images))
         return VQVAE2Indices(top=quant_top.indices, bottom=quant_bottom.indices)
 
     @torch.no_grad()
@@ -205,14 +219,15 @@ class VQVAE2(ModelMixin, ConfigMixin):
         save_pretrained_atomic(self, path)
 
 
-class VQVAE2Autoencoder(nn.Module):
+class VQVAE2Autoencoder(nn.Module, CodeTokenizer):
     """Trainable VQ-VAE-2 (`model.type: vqvae2`): the trainer's interface around a `VQVAE2`.
 
     Args:
         vqvae2 (`VQVAE2`): the model being trained, and what `export` writes.
     """
 
-    kind = "vqvae2"
+    family = "vqvae2"
+    latent_kind = "vqvae2"
     level_names: ClassVar[list[str]] = VQVAE2.level_names
 
     def __init__(self, *, vqvae2: VQVAE2):

@@ -23,8 +23,10 @@ from einops import rearrange
 from torch import Tensor
 
 from ..config import ConfigError
+from ..latent_kinds import LATENT_KINDS, latent_kind
 
-KIND_LEVELS: dict[str, tuple[str, ...]] = {"vq": ("indices",), "vqvae2": ("indices_top", "indices_bottom")}
+# level fields of the index kinds, derived from `ldtok.latent_kinds` (kept for ldtok.priors.transformer's re-export)
+KIND_LEVELS: dict[str, tuple[str, ...]] = {k.name: k.fields for k in LATENT_KINDS.values() if not k.gaussian}
 
 
 @dataclass
@@ -108,9 +110,10 @@ class CodeLayout:
                 every level (for VQ-VAE-2 that is the larger level's: the vocabulary then has unused tokens).
             groups (`int`, defaults to 1): digits per code (`code_groups`), for large implicit codebooks.
         """
-        kind = manifest["kind"]
-        assert kind in KIND_LEVELS, f"a code layout needs VQ shards (kind 'vq' or 'vqvae2'), got kind={kind!r}"
-        names = KIND_LEVELS[kind]
+        kind = latent_kind(manifest["kind"])
+        if kind.gaussian:
+            raise ValueError(f"a code layout needs shards of code indices (kind 'vq' or 'vqvae2'), got {kind.name!r}")
+        names = kind.fields
         sizes = list(codebook_sizes) if codebook_sizes is not None else [manifest["codebook_size"]] * len(names)
         assert len(sizes) == len(names), f"{len(names)} levels need {len(names)} codebook sizes, got {sizes}"
         levels, offset = [], 0

@@ -8,10 +8,11 @@ from typing import Literal
 
 from torch import nn
 
-from ..config import ConfigError
+from ..config import check_choice, check_range, invalid
 
 _DEFAULT_CODEBOOK_SIZE = 16384
 _DEFAULT_CODEBOOK_DIM = 4
+QUANTIZER_TYPES = ("vq", "fsq", "lfq", "bsq", "residual")
 
 
 @dataclass
@@ -77,54 +78,47 @@ class QuantizerConfig:
 
     def __post_init__(self):
         self.levels = list(self.levels)
-        key = "model.quantizer."
+        check_choice(self, "type", QUANTIZER_TYPES)
+        check_choice(self, "gradient", ("straight_through", "rotation"))
+        check_choice(self, "codebook_transform", ("none", "linear"))
         if self.type == "fsq":
             if not self.levels or min(self.levels) < 3:
-                raise ConfigError(f"{key}levels: fsq needs a list of integers >= 3 (e.g. [8, 5, 5, 5]), "
-                                  f"got {self.levels}")
+                raise invalid("levels", f"fsq needs a list of integers >= 3 (e.g. [8, 5, 5, 5]), got {self.levels}")
             self._derive("codebook_dim", len(self.levels), _DEFAULT_CODEBOOK_DIM)
             self._derive("codebook_size", math.prod(self.levels), _DEFAULT_CODEBOOK_SIZE)
         elif self.levels:
-            raise ConfigError(f"{key}levels: only type fsq takes levels (type is {self.type!r})")
+            raise invalid("levels", f"only type fsq takes levels (type is {self.type!r})")
         if self.type in ("lfq", "bsq"):
             if not 1 <= self.codebook_dim <= 20:
-                raise ConfigError(f"{key}codebook_dim: {self.type} takes 1 to 20 bits, got {self.codebook_dim}")
+                raise invalid("codebook_dim", f"{self.type} takes 1 to 20 bits, got {self.codebook_dim}")
             self._derive("codebook_size", 2**self.codebook_dim, _DEFAULT_CODEBOOK_SIZE)
             if self.entropy_groups < 1 or self.codebook_dim % self.entropy_groups:
-                raise ConfigError(f"{key}entropy_groups: must divide codebook_dim={self.codebook_dim}, "
-                                  f"got {self.entropy_groups}")
-            if self.entropy_temperature <= 0:
-                raise ConfigError(f"{key}entropy_temperature: must be > 0, got {self.entropy_temperature}")
-            if self.entropy_weight < 0:
-                raise ConfigError(f"{key}entropy_weight: must be >= 0, got {self.entropy_weight}")
-        for name in ("codebook_size", "codebook_dim", "kmeans_iters", "num_stages", "usage_window"):
-            if getattr(self, name) < (0 if name == "kmeans_iters" else 1):
-                raise ConfigError(f"{key}{name}: must be positive, got {getattr(self, name)}")
-        if self.dead_code_steps < 0:
-            raise ConfigError(f"{key}dead_code_steps: must be >= 0, got {self.dead_code_steps}")
-        if not 0.0 <= self.decay < 1.0:
-            raise ConfigError(f"{key}decay: must be in [0, 1), got {self.decay}")
-        if self.eps <= 0 or self.beta < 0:
-            raise ConfigError(f"{key}{'eps' if self.eps <= 0 else 'beta'}: out of range "
-                              f"(eps > 0, beta >= 0), got eps={self.eps}, beta={self.beta}")
-        if not 0.0 <= self.quantize_dropout < 1.0:
-            raise ConfigError(f"{key}quantize_dropout: must be in [0, 1), got {self.quantize_dropout}")
+                raise invalid("entropy_groups", f"must divide codebook_dim={self.codebook_dim}, "
+                                                f"got {self.entropy_groups}")
+            check_range(self, "entropy_temperature", gt=0)
+            check_range(self, "entropy_weight", ge=0)
+        for name in ("codebook_size", "codebook_dim", "num_stages", "usage_window"):
+            check_range(self, name, ge=1)
+        check_range(self, "kmeans_iters", ge=0)
+        check_range(self, "dead_code_steps", ge=0)
+        check_range(self, "decay", ge=0.0, lt=1.0)
+        check_range(self, "eps", gt=0)
+        check_range(self, "beta", ge=0)
+        check_range(self, "quantize_dropout", ge=0.0, lt=1.0)
         if self.codebook_transform == "linear" and self.ema:
-            raise ConfigError(f"{key}codebook_transform: linear (SimVQ) learns its map by gradient; "
-                              "set model.quantizer.ema=false")
+            raise invalid("codebook_transform", "linear (SimVQ) learns its map by gradient; set ema=false")
         if self.type == "residual" and self.gradient != "straight_through":
-            raise ConfigError(f"{key}gradient: residual VQ passes the gradient of the stages' sum straight through; "
-                              "the rotation trick is for type vq")
+            raise invalid("gradient", "residual VQ passes the gradient of the stages' sum straight through; the "
+                                      "rotation trick is for type vq")
         if self.type not in ("vq", "residual"):
             for name, default in (("gradient", "straight_through"), ("codebook_transform", "none")):
                 if getattr(self, name) != default:
-                    raise ConfigError(f"{key}{name}: only types vq and residual take it (type is {self.type!r})")
+                    raise invalid(name, f"only types vq and residual take it (type is {self.type!r})")
 
     def _derive(self, name: str, value: int, default: int) -> None:
         given = getattr(self, name)
         if given not in (default, value):
-            raise ConfigError(f"model.quantizer.{name}: type {self.type} implies {value}, got {given} "
-                              "(leave it out)")
+            raise invalid(name, f"type {self.type} implies {value}, got {given} (leave it out)")
         setattr(self, name, value)
 
     @property

@@ -15,13 +15,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..outputs import QuantizerOutput
+from .state import DiffusersQuantizerAPI
 from .usage import CodeUsageTracker
 
 # tanh bound slightly past the outermost level, so that it is reached (FSQ's reference implementation)
 _BOUND_EPS = 1e-3
 
 
-class FiniteScalarQuantizer(nn.Module):
+class FiniteScalarQuantizer(DiffusersQuantizerAPI, nn.Module):
     """FSQ, channels-first in and out.
 
     Args:

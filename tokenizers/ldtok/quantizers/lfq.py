@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..distributed import global_mean_with_local_grad
 from ..outputs import QuantizerOutput
+from .state import DiffusersQuantizerAPI
 from .usage import CodeUsageTracker
 
 MAX_BITS = 20  # 2**20 codes: the usage window holds one int64 per code
@@ -31,7 +32,7 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-5).log()).sum(dim=-1)
 
 
-class LookupFreeQuantizer(nn.Module):
+class LookupFreeQuantizer(DiffusersQuantizerAPI, nn.Module):
     """LFQ, channels-first in and out.
 
     Args:

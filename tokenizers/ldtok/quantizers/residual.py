@@ -13,12 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from ..outputs import QuantizerOutput
+from .state import DiffusersQuantizerAPI
 from .vector_quantizer import VQ_FIELDS, VectorQuantizer
 
 _DROPOUT_SEED = 3 * 2**20  # + the training step
 
 
-class ResidualVectorQuantizer(nn.Module):
+class ResidualVectorQuantizer(DiffusersQuantizerAPI, nn.Module):
     """Residual VQ, channels-first in and out.
 
     Args:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_sum_
 from ..outputs import QuantizerOutput
 from .kmeans import kmeans, nearest_codes, sample_rows
+from .state import DiffusersQuantizerAPI
 
 # Fixed seeds: every rank must make the same random choices, whatever its global RNG state.
 _INIT_SEED = 0
@@ -53,7 +54,7 @@ def rotate_to(e: Tensor, q: Tensor) -> Tensor:
     return rotated * (q_norm / e_norm).detach()
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(DiffusersQuantizerAPI, nn.Module):
     """Nearest-neighbour vector quantizer, channels-first in and out.
 
     Arguments are those of `QuantizerConfig` (keyword-only); `VectorQuantizer.from_config(cfg)` builds from one.

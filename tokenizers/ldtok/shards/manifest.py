@@ -6,7 +6,8 @@
 - `part-r{rank:02d}.json`: each rank's part manifest, rewritten atomically after every shard and on `close()`;
 - `index.json`: the merged manifest, written once by `write_manifest` after every rank has closed.
 
-Every file is written to `.{name}.tmp-{pid}` in the same directory, fsynced and `os.replace`d, so a final name
+Every file is written by `ldtok.atomic` (`.{name}.tmp-{pid}` in the same directory, fsynced, `os.replace`d,
+the directory fsynced), so a final name
 always holds a complete file; a crash leaves at most temp files behind, which the next writer of that rank removes and
 `verify` reports.
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 import safetensors
 import torch
 
-from ..atomic import write_bytes_atomic
+from ..atomic import write_bytes_atomic, write_json_atomic
+from ..latent_kinds import latent_kind
 from .stats import ChannelStats
 
 FORMAT_VERSION = "1"
@@ -51,14 +53,9 @@ def part_name(rank: int) -> str:
     return f"part-r{rank:02d}.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (`ldtok.atomic.write_bytes_atomic`: temp file, fsync, rename; a full disk is
-    a `DiskFullError` naming `path`, and the temp file is removed)."""
-    write_bytes_atomic(path, data)
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+# the one atomic writer (fsync of the file and of the directory); `atomic_write_bytes` is kept for
+# train/prior_transformer.py, which imports it from here
+atomic_write_bytes = write_bytes_atomic
 
 
 def sha256_file(path: Path, *, chunk_bytes: int = 1 << 22) -> str:
@@ -225,7 +222,7 @@ def read_part(out_dir: Path, rank: int) -> dict | None:
 
 def write_part(out_dir: Path, part: dict) -> None:
     part = {k: v for k, v in part.items() if k != "checksum"}
-    atomic_write_json(Path(out_dir) / part_name(part["rank"]), {**part, "checksum": part_checksum(part)})
+    write_json_atomic(Path(out_dir) / part_name(part["rank"]), {**part, "checksum": part_checksum(part)})
 
 
 # ------------------------------------------------------------------------------------------------ index.json
@@ -259,49 +256,17 @@ def write_manifest(
     """
     out_dir = Path(out_dir)
     remove_temp_files(out_dir, INDEX_NAME)
-    parts = {}
-    for p in out_dir.iterdir():
-        m = PART_RE.match(p.name)
-        if m:
-            try:
-                parts[int(m.group(1))] = read_part(out_dir, int(m.group(1)))
-            except DamagedPartError as e:
-                raise RuntimeError(f"{e}: rerun the encode command, which rebuilds it from the shards") from None
-    if not parts:
-        raise RuntimeError(f"no part manifests in {out_dir}: did any ShardWriter close()?")
-    world_size = parts[min(parts)]["world_size"]
-    missing = [r for r in range(world_size) if r not in parts]
-    unfinished = [r for r, part in sorted(parts.items()) if not part["finished"]]
-    if missing or unfinished or max(parts) >= world_size:
-        raise RuntimeError(
-            f"cannot merge {out_dir}: world_size {world_size}, missing parts of ranks {missing}, "
-            f"ranks not closed {unfinished}, ranks present {sorted(parts)}"
-        )
+    parts = _read_parts(out_dir)
+    world_size, fields = _check_parts(out_dir, parts)
     first = parts[0]
-    fields = None
-    for r, part in sorted(parts.items()):
-        for key in ("kind", "world_size", "samples_per_shard", "metadata", "codebook_size"):
-            if part[key] != first[key]:
-                raise RuntimeError(f"part of rank {r} has {key}={part[key]!r}, rank 0 has {first[key]!r}")
-        if part["fields"] is not None:  # a rank that stored no sample has no fields
-            if fields is not None and part["fields"] != fields:
-                raise RuntimeError(f"part of rank {r} has fields {part['fields']}, another rank {fields}")
-            fields = part["fields"]
     metadata = first["metadata"]
     for key, shard_key in (("config_sha256", "model_config_sha256"), ("sha256", "model_sha256")):
         declared = model.get(key), metadata.get(shard_key)
         if None not in declared and declared[0] != declared[1]:
             raise RuntimeError(f"model {key} {declared[0]} != shards' {shard_key} {declared[1]}")
     records = [ShardRecord(**s) for r in sorted(parts) for s in parts[r]["shards"]]
-    if stats is None and first["kind"] == "kl":
-        merged = None
-        for rec in records:
-            if rec.stats is not None and rec.stats["count"] > 0:
-                s = ChannelStats.from_state_dict(rec.stats)
-                merged = s if merged is None else merged.merge(s)
-        if merged is not None and merged.count > 1:
-            source = "posterior (expected moments of mean + std * eps, per-shard merge)"
-            stats = merged.result(convention=latent_convention) | {"source": source}
+    if stats is None and latent_kind(first["kind"]).gaussian:
+        stats = _merged_shard_stats(records, latent_convention)
     manifest = {
         "ldtok_format": FORMAT_VERSION,
         "kind": first["kind"],
@@ -328,8 +293,59 @@ def write_manifest(
             "python": platform.python_version(),
         },
     }
-    atomic_write_json(out_dir / INDEX_NAME, manifest)
+    write_json_atomic(out_dir / INDEX_NAME, manifest)
     return manifest
+
+
+def _read_parts(out_dir: Path) -> dict[int, dict]:
+    """Every rank's part manifest, by rank (`RuntimeError` for a damaged one, or none at all)."""
+    parts = {}
+    for p in out_dir.iterdir():
+        m = PART_RE.match(p.name)
+        if m:
+            try:
+                parts[int(m.group(1))] = read_part(out_dir, int(m.group(1)))
+            except DamagedPartError as e:
+                raise RuntimeError(f"{e}: rerun the encode command, which rebuilds it from the shards") from None
+    if not parts:
+        raise RuntimeError(f"no part manifests in {out_dir}: did any ShardWriter close()?")
+    return parts
+
+
+def _check_parts(out_dir: Path, parts: dict[int, dict]) -> tuple[int, dict | None]:
+    """`(world_size, fields)` of parts that are complete (every rank, all closed) and agree with each other."""
+    world_size = parts[min(parts)]["world_size"]
+    missing = [r for r in range(world_size) if r not in parts]
+    unfinished = [r for r, part in sorted(parts.items()) if not part["finished"]]
+    if missing or unfinished or max(parts) >= world_size:
+        raise RuntimeError(
+            f"cannot merge {out_dir}: world_size {world_size}, missing parts of ranks {missing}, "
+            f"ranks not closed {unfinished}, ranks present {sorted(parts)}"
+        )
+    first = parts[0]
+    fields = None
+    for r, part in sorted(parts.items()):
+        for key in ("kind", "world_size", "samples_per_shard", "metadata", "codebook_size"):
+            if part[key] != first[key]:
+                raise RuntimeError(f"part of rank {r} has {key}={part[key]!r}, rank 0 has {first[key]!r}")
+        if part["fields"] is not None:  # a rank that stored no sample has no fields
+            if fields is not None and part["fields"] != fields:
+                raise RuntimeError(f"part of rank {r} has fields {part['fields']}, another rank {fields}")
+            fields = part["fields"]
+    return world_size, fields
+
+
+def _merged_shard_stats(records: list[ShardRecord], convention: str) -> dict | None:
+    """The per-shard posterior statistics the writer recorded, merged (`None` with fewer than 2 values)."""
+    merged = None
+    for rec in records:
+        if rec.stats is not None and rec.stats["count"] > 0:
+            s = ChannelStats.from_state_dict(rec.stats)
+            merged = s if merged is None else merged.merge(s)
+    if merged is None or merged.count <= 1:
+        return None
+    source = "posterior (expected moments of mean + std * eps, per-shard merge)"
+    return merged.result(convention=convention) | {"source": source}
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict:

@@ -27,14 +27,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .. import distributed
 from ..errors import LdtokError
+from ..latent_kinds import latent_kind
 from .manifest import load_manifest, sha256_file
-from .writer import KIND_FIELDS
 
 
 class ShardChecksumError(LdtokError):
@@ -66,13 +66,14 @@ class _ShardSource:
         self.verified: set[str] = set()  # per process: forked workers start from the parent's set
         self.sample_posterior = sample_posterior
         self.use_flip = use_flip
-        self.latent_fields = KIND_FIELDS[self.kind]
+        self.latent = latent_kind(self.kind)
+        self.latent_fields = self.latent.fields
         if use_flip:
             missing = [f"{name}_flip" for name in self.latent_fields if f"{name}_flip" not in self.fields]
             if missing:
                 raise ValueError(f"use_flip=True but {self.root} stores no {missing}")
         self.scaling_factor, self.shift_factor = 1.0, 0.0
-        if self.kind == "kl":
+        if self.latent.gaussian:
             stats = manifest.get("stats") or {}
             if (scaling_factor is None or shift_factor is None) and not stats:
                 raise ValueError(f"{self.root} has no latent stats: pass scaling_factor and shift_factor explicitly")
@@ -100,7 +101,7 @@ class _ShardSource:
         if self.use_flip and torch.rand((), generator=generator).item() < 0.5:
             suffix = "_flip"
         item: dict = {"id": sample_id}
-        if self.kind == "kl":
+        if self.latent.gaussian:
             z = rows["mean" + suffix].float()  # (C, h, w)
             if self.sample_posterior:
                 # clamp as diffusers' DiagonalGaussianDistribution does
@@ -118,7 +119,7 @@ class _ShardSource:
 
     def needed_fields(self) -> list[str]:
         names = list(self.latent_fields)
-        if self.kind == "kl" and not self.sample_posterior:
+        if self.latent.gaussian and not self.sample_posterior:
             names = ["mean"]
         if self.use_flip:
             names += [f"{n}_flip" for n in names]
@@ -263,10 +264,8 @@ class LatentShardIterable(IterableDataset):
     def _split(self) -> tuple[int, int, int, int]:
         if self.rank is not None:
             rank, world_size = self.rank, self.world_size
-        elif dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = 0, 1
+        else:  # torch.distributed's when initialized, else 0 / 1
+            rank, world_size = distributed.rank(), distributed.world_size()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank, world_size, worker, num_workers

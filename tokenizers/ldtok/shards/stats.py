@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor
+
+from .. import distributed
 
 LATENT_CONVENTIONS = ("sd", "sd3")
 
@@ -115,15 +116,12 @@ class ChannelStats:
         Every rank must call it. The states are all-gathered and merged in rank order, so every rank ends with the
         same bits. A no-op without a process group or with one process.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if distributed.world_size() == 1:
             return self
-        device = (
-            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        )
+        device = distributed.collective_device()
         # one row: [count, mean_0..mean_{C-1}, m2_0..m2_{C-1}]; float64 holds counts exactly below 2^53
         local = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.mean, self.m2]).to(device)
-        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
+        gathered = distributed.all_gather_tensor(local)
         merged = ChannelStats(num_channels=self.num_channels)
         C = self.num_channels
         for row in gathered:

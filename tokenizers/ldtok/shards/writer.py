@@ -2,12 +2,9 @@
 
 Shard contents (one safetensors file of N samples, rows in the order they were added):
 
-| kind     | tensors (row = sample)                                                              |
-|----------|-------------------------------------------------------------------------------------|
-| `kl`     | `mean`, `logvar`: `(N, C, h, w)` in the stored float dtype (float16 / bfloat16 / float32) |
-| `vq`     | `indices`: `(N, h, w)` (residual VQ: `(N, S, h, w)`) in `index_dtype_for(codebook_size)` |
-| `vqvae2` | `indices_top`: `(N, h_t, w_t)`, `indices_bottom`: `(N, h_b, w_b)`, same integer dtype |
-
+the latent fields of its kind (`ldtok.latent_kinds`: KL `mean`, `logvar` `(N, C, h, w)` in float16 / bfloat16 /
+float32; VQ `indices` `(N, h, w)` or residual `(N, S, h, w)`, VQ-VAE-2 `indices_top`, `indices_bottom`, in
+`index_dtype_for(codebook_size)`),
 plus, optionally, `label` `(N,)` int64, and flip variants: when the encoder also stores the latents of the horizontally
 flipped image, every latent field has a twin suffixed `_flip` (`mean_flip`, `logvar_flip`, `indices_flip`, ...),
 all or none. Sample ids and captions are *not* tensors: they live in the safetensors metadata as JSON lists (`"ids"`,
@@ -45,16 +42,17 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from ..atomic import write_bytes_atomic
+from ..latent_kinds import LatentKind, index_dtype_for, latent_kind
+from .fields import describe_batch
 from .manifest import (
     FORMAT_VERSION,
     ShardRecord,
-    atomic_write_bytes,
     part_name,
     read_shard_header,
     remove_temp_files,
@@ -64,21 +62,6 @@ from .manifest import (
 from .resume import ResumeState, find_completed
 from .stats import ChannelStats
 
-Kind = Literal["kl", "vq", "vqvae2"]
-KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "kl": ("mean", "logvar"),
-    "vq": ("indices",),
-    "vqvae2": ("indices_top", "indices_bottom"),
-}
-FIELD_DESCRIPTIONS = {
-    "mean": "posterior mean (C, h, w)",
-    "logvar": "posterior log-variance (C, h, w)",
-    "indices": "codebook indices (h, w)",
-    "indices_top": "top-level codebook indices (h_t, w_t)",
-    "indices_bottom": "bottom-level codebook indices (h_b, w_b)",
-    "label": "class label, int64 scalar",
-}
-KL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # metadata keys the writer owns; the caller's metadata may not use them
 WRITER_KEYS = frozenset(
     {"ldtok_format", "kind", "dtype", "fields", "ids", "captions", "skipped", "rank", "world_size", "shard_index",
@@ -86,32 +69,13 @@ WRITER_KEYS = frozenset(
 )  # fmt: skip
 
 
-def index_dtype_for(codebook_size: int) -> torch.dtype:
-    """Smallest safetensors integer dtype that holds the indices `0 .. codebook_size - 1`.
-
-    uint8 up to 256 codes, int16 up to 32768, int32 beyond. uint16 is avoided although recent safetensors/torch store
-    it: torch gained uint16 only in 2.3 and most CPU ops (indexing, embedding) still reject it, so readers would have to
-    convert before every use; int16 costs nothing below 32768 codes.
-    """
-    assert codebook_size >= 1, f"codebook_size must be positive, got {codebook_size}"
-    if codebook_size <= 256:
-        return torch.uint8
-    if codebook_size <= 32768:
-        return torch.int16
-    assert codebook_size <= 2**31, f"codebook_size {codebook_size} does not fit int32 indices"
-    return torch.int32
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class ShardWriter:
     """Write one rank's encoded samples into shards of `samples_per_shard` items; resumable after a crash.
 
     Args:
         out_dir (`str` or `PathLike`): shard directory (created if needed), shared by all ranks.
-        kind (`"kl"`, `"vq"` or `"vqvae2"`): which fields `add` takes (see the module docstring).
+        kind (`"kl"`, `"vq"` or `"vqvae2"`): the latent kind (`ldtok.latent_kinds`; a tokenizer's `latent_kind`,
+            not its family): which fields `add` takes.
         samples_per_shard (`int`): items per shard `S` (counting skipped items); a multiple of the encoder's batch size.
         metadata (`dict[str, str]`): run-wide text metadata stored in every shard, e.g. `model_config_sha256`,
             `resolution`, `transforms` (JSON). Keys in `WRITER_KEYS` are the writer's, except `dtype`, which is
@@ -132,7 +96,7 @@ class ShardWriter:
         self,
         out_dir: str | os.PathLike,
         *,
-        kind: Kind,
+        kind: str,
         samples_per_shard: int,
         metadata: dict[str, str],
         rank: int = 0,
@@ -142,10 +106,12 @@ class ShardWriter:
         provenance: dict[str, str] | None = None,
         check_sha256: bool = True,
     ):
-        assert kind in KIND_FIELDS, f"kind must be one of {sorted(KIND_FIELDS)}, got {kind!r}"
-        assert samples_per_shard >= 1, f"samples_per_shard must be positive, got {samples_per_shard}"
-        assert 0 <= rank < world_size, f"rank {rank} outside world_size {world_size}"
-        if kind != "kl" and codebook_size is None:
+        self.latent: LatentKind = latent_kind(kind)
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if not self.latent.gaussian and codebook_size is None:
             raise ValueError(f"kind={kind!r} needs codebook_size to choose the index dtype")
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -157,8 +123,8 @@ class ShardWriter:
         self.kind = kind
         self.samples_per_shard = samples_per_shard
         self.rank, self.world_size = rank, world_size
-        self.codebook_size = codebook_size if kind != "kl" else None
-        self._index_dtype = index_dtype_for(codebook_size) if kind != "kl" else None
+        self.codebook_size = None if self.latent.gaussian else codebook_size
+        self._index_dtype = None if self.latent.gaussian else index_dtype_for(codebook_size)
         self._requested_dtype = metadata.get("dtype")
         self.metadata = {k: v for k, v in metadata.items() if k != "dtype"}
         self.provenance = dict(provenance or {})
@@ -243,39 +209,8 @@ class ShardWriter:
         return len(self._ids) + len(self._skipped)
 
     def _check_fields(self, batch: dict[str, Tensor], B: int, has_captions: bool) -> None:
-        required = KIND_FIELDS[self.kind]
-        flip = [f"{name}_flip" for name in required]
-        allowed = set(required) | set(flip) | {"label"}
-        unknown = sorted(set(batch) - allowed)
-        if unknown:
-            raise ValueError(f"kind={self.kind!r} shards take fields {sorted(allowed)}; got unknown {unknown}")
-        missing = [name for name in required if name not in batch]
-        if missing or (any(f in batch for f in flip) and not all(f in batch for f in flip)):
-            raise ValueError(f"kind={self.kind!r} needs all of {list(required)} (and all or none of {flip})")
-        fields = {}
-        for name, t in batch.items():
-            if t.shape[0] != B:
-                raise ValueError(f"field {name!r} has {t.shape[0]} rows for {B} ids")
-            base = name.removesuffix("_flip")
-            if name == "label":
-                if t.ndim != 1 or t.dtype.is_floating_point:
-                    raise ValueError(f"label must be a (B,) integer tensor, got {t.dtype} {tuple(t.shape)}")
-                dtype = torch.int64
-            elif self.kind == "kl":
-                if t.ndim != 4 or t.dtype not in KL_DTYPES:
-                    raise ValueError(
-                        f"{name!r} must be (B, C, h, w) in one of {KL_DTYPES}, got {t.dtype} {tuple(t.shape)}"
-                    )
-                dtype = t.dtype
-            else:
-                if t.ndim not in (3, 4) or t.dtype.is_floating_point:  # (B, S, h, w): residual VQ's stages
-                    raise ValueError(f"{name!r} must be a (B, h, w) or (B, S, h, w) integer tensor, got {t.dtype} "
-                                     f"{tuple(t.shape)}")
-                dtype = self._index_dtype
-            description = FIELD_DESCRIPTIONS[base] + (", horizontally flipped image" if name.endswith("_flip") else "")
-            fields[name] = {"dtype": _dtype_name(dtype), "shape": list(t.shape[1:]), "description": description}
-        if self.kind == "kl" and len({fields[n]["dtype"] for n in fields if n != "label"}) != 1:
-            raise ValueError(f"all KL fields must share one dtype, got {fields}")
+        required = self.latent.fields
+        fields = describe_batch(self.latent, batch, B, index_dtype=self._index_dtype)
         if self._fields is None:
             stored = fields[required[0]]["dtype"]
             if self._requested_dtype is not None and self._requested_dtype != stored:
@@ -332,7 +267,7 @@ class ShardWriter:
             t = t.detach().to("cpu")
             if name == "label":
                 t = t.to(torch.int64)
-            elif self.kind != "kl":
+            elif not self.latent.gaussian:
                 lo, hi = int(t.min()), int(t.max())
                 if lo < 0 or hi >= self.codebook_size:
                     raise ValueError(
@@ -370,7 +305,7 @@ class ShardWriter:
             num_items=str(num_items),
         )
         if self._fields:
-            metadata["dtype"] = self._fields[KIND_FIELDS[self.kind][0]]["dtype"]
+            metadata["dtype"] = self._fields[self.latent.fields[0]]["dtype"]
         if self._has_captions:
             metadata["captions"] = json.dumps(self._captions)
         if self.codebook_size is not None:
@@ -378,14 +313,14 @@ class ShardWriter:
         if self.provenance:
             metadata["provenance"] = json.dumps(self.provenance, sort_keys=True)
         stats = None
-        if self.kind == "kl" and self._ids:
+        if self.latent.gaussian and self._ids:
             channel_stats = ChannelStats(num_channels=tensors["mean"].shape[1])
             channel_stats.update_gaussian(tensors["mean"], tensors["logvar"])  # non-flip latents only
             stats = channel_stats.state_dict()
             metadata["stats"] = json.dumps(stats)
         data = safetensors_save(tensors, metadata=metadata)
         name = shard_name(self.rank, index)
-        atomic_write_bytes(self.out_dir / name, data)
+        write_bytes_atomic(self.out_dir / name, data)
         self._records.append(
             ShardRecord(
                 file=name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldtok.errors import LdtokError
+from ..errors import LdtokError
 
 
 def _short(sha: str | None) -> str:
@@ -15,7 +15,7 @@ def _short(sha: str | None) -> str:
 def remove_encoded_files(out_dir: Path) -> list[str]:
     """`--overwrite`: delete what `ldtok encode` wrote into `out_dir` (shards, parts, `index.json`, temp files), from
     the last shard backwards (a kill in between leaves a resumable prefix); anything else in it is left alone."""
-    from ldtok.shards.manifest import INDEX_NAME, PART_RE, SHARD_RE, TEMP_RE
+    from ..shards.manifest import INDEX_NAME, PART_RE, SHARD_RE, TEMP_RE
 
     if not out_dir.is_dir():
         return []
@@ -40,8 +40,8 @@ def check_existing_run(out_dir: Path, *, world_size: int, samples_per_shard: int
     Raises:
         `LdtokError` naming both models (hash and path), or both splits, and `--overwrite`.
     """
-    from ldtok.shards import ShardWriter
-    from ldtok.shards.manifest import PART_RE, SHARD_RE
+    from ..shards import ShardWriter
+    from ..shards.manifest import PART_RE, SHARD_RE
 
     if not out_dir.is_dir():
         return
