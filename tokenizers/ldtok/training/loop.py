@@ -138,15 +138,11 @@ class TrainingLoop:
         self.guard = NonFiniteGuard(accelerator=accelerator, max_consecutive=train.max_nonfinite_steps,
                                     last_good=lambda: (list_checkpoints(self.out) or [None])[-1])
         self.resumed_from: Path | None = None
+        self.finished = False  # resumed from a checkpoint that had already reached train.max_steps
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def finished(self) -> bool:
-        """A resumed run that had already reached `train.max_steps`."""
-        return self.resumed_from is not None and self.state["step"] >= self.tc.max_steps
 
     def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, module: nn.Module) -> torch.Tensor | None:
         """Backpropagate `loss`, clip `module`'s gradients and step `optimizer`, skipping the step (on every rank) when
@@ -174,6 +170,7 @@ class TrainingLoop:
         task.load_extra(path)
         self.guard.total = self.state["nonfinite_steps"]
         self.resumed_from = path
+        self.finished = self.state["step"] >= self.tc.max_steps
         logger.info("resumed from %s at step %d", path, self.state["step"])
         if self.finished:
             logger.info("the run in %s already finished at step %d (train.max_steps=%d)", self.out,
