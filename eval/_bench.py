@@ -10,10 +10,10 @@ Each comparison runs two *cases* from the same weights, inputs and loss recipe:
   fakes scored in two calls; the generator's GAN term runs the discriminator with live parameters, whose gradients are
   then dropped). Two bugs of those scripts are not copied, so both sides compute the same loss: the perceptual term
   is not under `torch.no_grad()`, and the discriminator's stray generator-step gradients are zeroed before its step.
-- **ldtok**: `build_model` + `AutoencoderLoss` + `build_discriminator`, the body of `ldtok.training.train`'s loop
-  (generator loss, backward, clip, step; discriminator loss, backward, clip, step) with the chosen precision (autocast
-  on the autoencoder's and discriminator's forwards, as `Accelerator.prepare` does in training: the loss and its
-  perceptual network stay fp32), channels-last and `torch.compile`.
+- **ldtok**: `build_model` + `AutoencoderLoss` + `build_discriminator` through the trainer's own step
+  (`ldtok.training.AutoencoderStep`: generator loss, backward, clip, step; discriminator loss, backward, clip, step)
+  with the chosen precision (autocast on the autoencoder's and discriminator's forwards, as `Accelerator.prepare`
+  does in training: the loss and its perceptual network stay fp32), channels-last and `torch.compile`.
 
 Loss recipe: LDM's (L1 + LPIPS-VGG + KL 1e-6 or the quantizer loss + hinge PatchGAN with adaptive weight 0.5, on from
 step 0) in ldtok's per-pixel scaling. Offline there is no ImageNet VGG: both sides use `lpips.LPIPS(net="vgg",

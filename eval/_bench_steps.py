@@ -25,7 +25,7 @@ from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator
 from ldtok.models import ModelConfig, build_model
 from ldtok.perceptual import build_perceptual
 from ldtok.performance import adamw
-from ldtok.training import autoencoder_step
+from ldtok.training import AutoencoderStep
 
 if TYPE_CHECKING:
     from _bench import BenchConfig
@@ -125,7 +125,7 @@ def _autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -
 
 
 class LdtokTrainStep:
-    """ldtok's training step (`ldtok.training.autoencoder_step`, without Accelerate), called as
+    """ldtok's training step (`ldtok.training.AutoencoderStep`, without Accelerate), called as
     `step_fn(x, step) -> StepLosses`. `weights`: a `prepare_weights` folder; the other arguments as in `BenchConfig`.
     """
 
@@ -156,6 +156,7 @@ class LdtokTrainStep:
         self.disc = torch.compile(self.raw_disc) if compile else self.raw_disc
         self.model.train()
         self.disc.train()
+        self.step = AutoencoderStep(model=self.model, loss_fn=self.loss_fn, disc=self.disc)  # the trainer's own step
 
     def _update(self, loss: Tensor, optimizer: torch.optim.Optimizer, module: nn.Module) -> Tensor:
         self.scaler.scale(loss).backward()
@@ -166,12 +167,14 @@ class LdtokTrainStep:
         return grad_norm
 
     def __call__(self, x: Tensor, step: int) -> StepLosses:
-        terms = autoencoder_step(  # the trainer's own step function
-            model=self.model, disc=self.disc, raw_disc=self.raw_disc, last_layer=self.raw_model.last_layer,
-            loss_fn=self.loss_fn, opt_g=self.opt_g, opt_d=self.opt_d, x=x, x_in=x, step=step, update=self._update,
-        )
+        gen = self.step.generator(x, step=step)
+        self._update(gen.loss, self.opt_g, self.model)
+        disc = self.step.discriminator(x, gen, step=step)
+        if disc is not None:
+            self._update(disc.loss, self.opt_d, self.disc)
         self.scaler.update()
-        return StepLosses(generator=terms["loss"], discriminator=terms.get("disc_loss", torch.zeros(())))
+        return StepLosses(generator=gen.terms["loss"], discriminator=disc.terms["disc_loss"] if disc is not None
+                          else torch.zeros(()))
 
 
 class BaselineTrainStep:

@@ -65,6 +65,15 @@ def test_cpu_smoke_run_prints_the_table_and_writes_json(tmp_path, capsys):
     for side in ("baseline", "ldtok"):
         assert math.isfinite(rows[("train demo-kl", "equal")][side]["loss"])
         assert rows[("encode demo-kl", "equal")][side]["loss"] is None
+    # "equal": the same weights, inputs, recipe and fp32 eager compute on both sides, so after the same 3 steps both
+    # report the same generator loss (a step that trained something else, or nothing, would not)
+    equal = rows[("train demo-kl", "equal")]
+    assert equal["ldtok"]["loss"] == pytest.approx(equal["baseline"]["loss"], rel=1e-4)
+    # the throughput is what was measured: images over the timed seconds
+    for row in rows.values():
+        for side in ("baseline", "ldtok"):
+            result = row[side]
+            assert result["images_per_s"] == pytest.approx(2 * 2 / result["seconds"], rel=1e-6), result
 
 
 @pytest.mark.parametrize("preset", ["demo-kl", "demo-vq"])

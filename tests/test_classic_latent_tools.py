@@ -22,7 +22,7 @@ from ldtok.latent_tools.traversal import rank_channels
 from ldtok.losses import LossConfig, build_loss
 from ldtok.models import ModelConfig, build_model
 from ldtok.report import write_report
-from ldtok.training import autoencoder_step
+from ldtok.training import AutoencoderStep
 
 NO_NETS = dict(perceptual=[], fid="off", progress=False)
 
@@ -97,9 +97,9 @@ def test_anomaly_auroc_on_a_synthetic_set_is_high_and_equals_sklearn(tmp_path, a
     model.train()
     loss_fn = build_loss(LossConfig(reconstruction="l2", perceptual="none", perceptual_weight=0, disc_weight=0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ae_step = AutoencoderStep(model=model, loss_fn=loss_fn)
     for step in range(300):
-        autoencoder_step(model=model, disc=None, raw_disc=None, last_layer=None, loss_fn=loss_fn, opt_g=opt,
-                         opt_d=None, x=train, x_in=train, step=step, update=sgd_update)
+        sgd_update(ae_step.generator(train, step=step).loss, opt, model)
     data = DataConfig(source="folder", path=str(tmp_path / "set"), resolution=16, channels=1, crop="center")
     result = evaluate_tokenizer(model, build_dataset(data, train=False), accelerator=accelerator,
                                 options=EvalOptions(**NO_NETS))

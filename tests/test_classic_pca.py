@@ -7,7 +7,7 @@ from scipy.linalg import subspace_angles
 
 from ldtok.losses import LossConfig, build_loss
 from ldtok.models import ModelConfig, build_model
-from ldtok.training import autoencoder_step
+from ldtok.training import AutoencoderStep
 
 
 def low_rank_data(n=512, side=4, rank=3, noise=0.01, seed=0) -> torch.Tensor:
@@ -36,9 +36,11 @@ def test_linear_autoencoder_spans_the_pca_subspace():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    ae_step = AutoencoderStep(model=model, loss_fn=loss_fn)
     for step in range(1500):
-        terms = autoencoder_step(model=model, disc=None, raw_disc=None, last_layer=model.last_layer, loss_fn=loss_fn,
-                                 opt_g=opt, opt_d=None, x=x, x_in=x, step=step, update=update)
+        generated = ae_step.generator(x, step=step)
+        update(generated.loss, opt, model)
+        terms = generated.terms
     assert float(terms["rec"]) < 2e-3, terms  # down to about the noise floor (1e-4) plus what is left of training
 
     flat = x.flatten(1).double().numpy()

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
-from urllib.error import URLError
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from loss_helpers import OFF, H, W, images
 from torch import nn
 
 from ldtok.discriminator import PatchDiscriminator
-from ldtok.errors import LdtokError
-from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator, build_loss
+from ldtok.losses import AutoencoderLoss, LossConfig
 from ldtok.outputs import AutoencoderOutput, QuantizerOutput
-from ldtok.perceptual import PerceptualWeightsUnavailable, build_perceptual
+from ldtok.perceptual import build_perceptual
 
-H = W = 32
 LATENT = 4
-
-# Every weight off: a test switches on the terms it looks at.
-OFF = {
-    "rec_weight": 0.0,
-    "perceptual_weight": 0.0,
-    "kl_weight": 0.0,
-    "quant_weight": 0.0,
-    "disc_weight": 0.0,
-    "perceptual": "none",
-}
-
 
 class ToyAutoencoder(nn.Module):
     """conv encoder -> (mean, logvar) or a straight-through VQ -> conv decoder, whose last conv is `last_layer`."""
@@ -84,13 +69,6 @@ class CountingWrapper(nn.Module):
         return self.module(x)
 
 
-class Channel0(nn.Module):
-    """A parameter-free 'discriminator' whose logits are channel 0 of its input: hand-made logits."""
-
-    def forward(self, x):
-        return x[:, :1]
-
-
 @pytest.fixture(scope="module")
 def lpips_random():
     return build_perceptual("lpips-vgg", random_init=True)
@@ -99,11 +77,6 @@ def lpips_random():
 @pytest.fixture(scope="module")
 def stlpips_alex():
     return build_perceptual("stlpips-alex")
-
-
-def images(seed: int = 0, batch: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, H, W, generator=g) * 2 - 1
 
 
 def grad_norm(params) -> float:
@@ -291,163 +264,3 @@ def test_kl_warmup_is_linear():
         )
         values.append(loss.item() / terms["kl"].item())
     assert values == pytest.approx([0.0, 2.5e-3, 5e-3, 1e-2, 1e-2])
-
-
-# ------------------------------------------------------------------------------------------- GAN objectives
-
-
-REAL, FAKE = [0.5, 2.0], [-2.0, 0.3]
-
-
-def logit_images(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()  # channel 0 holds the logit
-
-
-@pytest.mark.parametrize("kind", ["hinge", "non_saturating"])
-def test_gan_losses_on_hand_made_logits(kind):
-    cfg = LossConfig(**{**OFF, "disc_weight": 1.0, "disc_start": 0, "disc_loss": kind})
-    loss_fn = AutoencoderLoss(config=cfg, perceptual=None)
-    x, x_rec = logit_images(REAL), logit_images(FAKE)
-    d_loss, d_terms = loss_fn.discriminator_loss(x, x_rec, discriminator=Channel0(), step=0)
-    _, g_terms = loss_fn.generator_loss(x, x_rec, discriminator=Channel0(), last_layer=None, step=0)
-
-    def sp(v: float) -> float:  # softplus
-        return math.log1p(math.exp(v))
-
-    if kind == "hinge":
-        expected_d = (0.5 + 0.0) / 2 + (0.0 + 1.3) / 2
-        expected_g = -(-2.0 + 0.3) / 2
-    else:
-        expected_d = (sp(-0.5) + sp(-2.0)) / 2 + (sp(-2.0) + sp(0.3)) / 2
-        expected_g = (sp(2.0) + sp(-0.3)) / 2
-    assert d_loss.item() == pytest.approx(expected_d, rel=1e-6)
-    assert g_terms["gan"].item() == pytest.approx(expected_g, rel=1e-6)
-    assert d_terms["logits_real"].item() == pytest.approx(1.25) and d_terms["logits_fake"].item() == pytest.approx(
-        -0.85
-    )
-
-
-def test_lecam_buffers_follow_the_logits_in_training_mode_only():
-    cfg = LossConfig(**{**OFF, "disc_weight": 1.0, "disc_start": 0, "lecam_weight": 0.1, "lecam_decay": 0.9})
-    loss_fn = AutoencoderLoss(config=cfg, perceptual=None)
-    x, x_rec = logit_images(REAL), logit_images(FAKE)
-    loss, terms = loss_fn.discriminator_loss(x, x_rec, discriminator=Channel0(), step=0)
-    assert loss_fn.lecam_ema.tolist() == pytest.approx([1.25, -0.85]) and loss_fn.lecam_count == 1
-    # reg = mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2)
-    reg = ((0.5 + 0.85) ** 2 + (2.0 + 0.85) ** 2) / 2 + ((1.25 + 2.0) ** 2 + (1.25 - 0.3) ** 2) / 2
-    assert terms["lecam"].item() == pytest.approx(reg, rel=1e-6)
-    assert loss.item() == pytest.approx(0.9 + 0.1 * reg, rel=1e-6)
-
-    loss_fn.discriminator_loss(logit_images([3.0, 3.0]), logit_images([-1.0, -1.0]), discriminator=Channel0(), step=1)
-    assert loss_fn.lecam_ema.tolist() == pytest.approx([0.9 * 1.25 + 0.1 * 3.0, 0.9 * -0.85 + 0.1 * -1.0])
-    loss_fn.eval()
-    before = loss_fn.lecam_ema.clone()
-    loss_fn.discriminator_loss(x, x_rec, discriminator=Channel0(), step=2)
-    assert torch.equal(loss_fn.lecam_ema, before) and loss_fn.lecam_count == 2
-
-
-def test_disc_active_schedule():
-    loss_fn = AutoencoderLoss(config=LossConfig(perceptual="none", disc_start=10), perceptual=None)
-    assert not loss_fn.disc_active(9) and loss_fn.disc_active(10) and loss_fn.disc_active(11)
-    off = AutoencoderLoss(config=LossConfig(perceptual="none", disc_start=0, disc_weight=0.0), perceptual=None)
-    assert not off.disc_active(100)
-    x = images()
-    _, terms = loss_fn.generator_loss(x, x.clone(), discriminator=None, last_layer=None, step=9)
-    assert "gan" not in terms
-    with pytest.raises(ValueError, match="needs the discriminator"):
-        loss_fn.generator_loss(x, x.clone(), discriminator=None, last_layer=None, step=10)
-
-
-def test_config_rejects_out_of_range_values():
-    with pytest.raises(ValueError, match="reconstruction"):
-        LossConfig(reconstruction="l3")
-    with pytest.raises(ValueError, match="perceptual"):
-        LossConfig(perceptual="lpips-squeeze")
-    with pytest.raises(ValueError, match="kl_weight"):
-        LossConfig(kl_weight=-1.0)
-    assert build_loss(LossConfig(perceptual_weight=0.0)).perceptual is None  # nothing built when unused
-
-
-# ------------------------------------------------------------------------------------------- discriminator
-
-
-def test_patch_discriminator_layout():
-    disc = build_discriminator(LossConfig(disc_channels=16, disc_layers=3))
-    assert disc(images()).shape == (2, 1, H // 8 - 2, W // 8 - 2)
-    kinds = {type(m) for m in disc.modules()}
-    assert nn.GroupNorm in kinds and not kinds & {nn.BatchNorm2d, nn.SyncBatchNorm, nn.Sigmoid}
-    convs = [m for m in disc.modules() if isinstance(m, nn.Conv2d)]
-    assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1] and all(c.kernel_size == (4, 4) for c in convs)
-    assert [c.out_channels for c in convs] == [16, 32, 64, 128, 1]
-    assert abs(convs[3].weight.std().item() - 0.02) < 2e-3 and convs[3].bias is None
-    plain = PatchDiscriminator(channels=8, num_layers=2, norm="none")
-    assert not any(isinstance(m, nn.GroupNorm) for m in plain.modules())
-    assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
-    with pytest.raises(ValueError, match="norm"):
-        PatchDiscriminator(norm="batch")
-
-
-# --------------------------------------------------------------------------------------------- perceptual
-
-
-def forbid_downloads(monkeypatch):
-    """Offline as a user without network sees it: torch.hub's download raises URLError (nothing else is replaced)."""
-    calls = []
-
-    def offline(url, dst, *args, **kwargs):
-        calls.append(url)
-        raise URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return calls
-
-
-def test_lpips_backbone_loads_through_torchvision_and_offline_names_the_file_and_dir(monkeypatch, tmp_path):
-    calls = forbid_downloads(monkeypatch)
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    with pytest.raises(PerceptualWeightsUnavailable) as error:
-        build_perceptual("lpips-vgg")
-    # torchvision's normal loading asked for the download (a connected machine would have fetched it there).
-    assert len(calls) == 1 and calls[0].endswith("/vgg16-397923af.pth")
-    message = str(error.value)
-    assert "\n" not in message and isinstance(error.value, LdtokError)
-    assert "vgg16-397923af.pth" in message and str(checkpoints) in message and "$TORCH_HOME/hub/checkpoints" in message
-    assert "URLError" in message and "stlpips-vgg" in message
-    # A corrupt cached file gives the same advice plus the cause, not a raw unpickling error, and no download.
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(PerceptualWeightsUnavailable, match="alexnet-owt-7be5be79.pth.*loading failed"):
-        build_perceptual("lpips-alex")
-    assert len(calls) == 1
-    # A random backbone needs no file at all.
-    assert build_perceptual("lpips-alex", random_init=True) is not None and len(calls) == 1
-
-
-def test_stlpips_alex_is_offline_frozen_and_a_distance(monkeypatch, stlpips_alex):
-    forbid_downloads(monkeypatch)
-    net = build_perceptual("stlpips-alex")
-    assert not net.training and not any(p.requires_grad for p in net.parameters())
-    x = images(0)
-    y = images(1).requires_grad_(True)
-    assert torch.equal(net(x, x), torch.zeros(2))
-    d = net(x, y)
-    assert d.shape == (2,) and (d > 0).all()
-    d.sum().backward()
-    assert y.grad.abs().sum() > 0
-    assert build_perceptual("none") is None
-
-
-def test_stlpips_matches_the_package_implementation(monkeypatch, stlpips_alex):
-    # The package's modules import IPython and torchsummary (not dependencies) without using them on this path.
-    ipython, torchsummary = types.ModuleType("IPython"), types.ModuleType("torchsummary")
-    ipython.embed, torchsummary.summary = (lambda *a, **k: None), (lambda *a, **k: None)
-    monkeypatch.setitem(sys.modules, "IPython", ipython)
-    monkeypatch.setitem(sys.modules, "torchsummary", torchsummary)
-    from stlpips_pytorch import stlpips
-
-    reference = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
-    x, y = images(0), images(1)
-    with torch.no_grad():
-        assert torch.allclose(stlpips_alex(x, y), reference(x, y).flatten(), rtol=1e-5, atol=1e-7)

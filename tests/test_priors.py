@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from ldtok.config import ConfigError, load_config
 from ldtok.models import KLAutoencoder, ModelConfig
 from ldtok.priors import GPT, CodeLayout, CodeLevel, KVCache, PriorDiffusionConfig, PriorTransformerConfig
+from ldtok.priors.transformer_trainer import decode_codes
 from ldtok.shards import ShardWriter, load_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +106,12 @@ def test_configs_load_demo_files_and_reject_unknown_keys():
         load_config(PriorDiffusionConfig, ROOT / "configs/prior-diffusion-demo.yaml", ["unet.bogus=1"])
     with pytest.raises(ConfigError, match="model.hidden_size"):
         load_config(PriorTransformerConfig, ROOT / "configs/prior-transformer-demo.yaml", ["model.hidden_size=big"])
-    with pytest.raises(AssertionError, match="attention"):
+    with pytest.raises(ConfigError, match="unet.attention: needs one entry per level"):
         load_config(PriorDiffusionConfig, None, ["shards=x", "unet.attention=[true]"])
+    with pytest.raises(ConfigError, match="train.ema_decay: must be < 1"):
+        load_config(PriorDiffusionConfig, None, ["shards=x", "train.ema_decay=1.5"])
+    with pytest.raises(ConfigError, match="temperature: must be > 0"):
+        load_config(PriorTransformerConfig, None, ["shards=x", "temperature=0"])
 
 
 def load_script(name: str):
@@ -130,7 +135,7 @@ def test_decode_codes_of_a_diffusers_vqmodel_equals_decoding_its_quantized_laten
         h = vq.encode(x).latents  # (2, 4, 8, 8)
         _, _, (_, _, indices) = vq.quantize(h)
         expected = vq.decode(h).sample  # quantizes h itself, whatever lookup_from_codebook says
-        images = load_script("prior_transformer").decode_codes(tokenizer, {"indices": indices.reshape(2, 8, 8)})
+        images = decode_codes(tokenizer, {"indices": indices.reshape(2, 8, 8)})
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -286,6 +291,29 @@ def test_prior_transformer_resumes_from_its_checkpoint(vq_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_prior_run_logs_its_scalars_and_config_to_tensorboard(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    launch("prior_transformer.py", "prior-transformer-demo.yaml", f"shards={shards['vq']}", f"output_dir={out}",
+           *TINY_GPT, "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0", "decode=false",
+           "train.report_to=tensorboard")
+    scalars, plugins = {}, set()
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events)).Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+        try:
+            plugins |= set(acc.PluginTagToContent("hparams"))
+        except KeyError:  # this event file holds no hparams
+            pass
+    assert {"loss", "it_per_s", "lr"} <= set(scalars), scalars
+    assert [step for step, _ in scalars["loss"]] == [e["step"] for e in logged(out)] == [2, 4]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([e["loss"] for e in logged(out)])  # the jsonl's values
+    assert "_hparams_/session_start_info" in plugins  # the resolved config as hyperparameters
+
+
+@pytest.mark.slow
 def test_prior_transformer_on_vqvae2_codes_is_class_conditional_and_keeps_levels_apart(shards, tmp_path):
     out = tmp_path / "vqvae2"
     launch("prior_transformer.py", "prior-transformer-demo.yaml", f"shards={shards['vqvae2']}", f"output_dir={out}",
@@ -320,7 +348,7 @@ def test_scripts_reject_wrong_shards_labels_and_decoders_before_building_anythin
                                      else "prior-diffusion-demo.yaml")
         monkeypatch.setattr(sys, "argv", [script, "--config", str(config), f"output_dir={tmp_path / 'run'}",
                                           *overrides])
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ConfigError, match=message):  # run_cli: one line, exit code 2
             load_script(script).main()
     assert not (tmp_path / "run").exists()  # nothing was built or written
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from launch import launch, steps_logged
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +15,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/demo-vq.yaml", "configs/demo-vqvae2.yaml"])
 def test_vq_demo_trains_exports_and_resumes(tmp_path, config):
     out = tmp_path / "run"
-    launch(f"output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2", script="train/vq.py", config=config)
+    # constant LR: a cosine schedule depends on max_steps, which the resumed run below extends from 4 to 6
+    constant = "train.lr_schedule=constant"
+    launch(f"output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2", constant, script="train/vq.py",
+           config=config)
     if "vqvae2" in config:
         from ldtok.models.vqvae2 import VQVAE2
 
@@ -34,9 +38,22 @@ def test_vq_demo_trains_exports_and_resumes(tmp_path, config):
 
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    launch(f"output_dir={resumed}", "resume=latest", "train.max_steps=6", "train.checkpoint_every=2",
+    launch(f"output_dir={resumed}", "resume=latest", "train.max_steps=6", "train.checkpoint_every=2", constant,
            script="train/vq.py", config=config)
     assert steps_logged(resumed) == [1, 2, 3, 4, 5, 6]
+
+    # the resumed run holds exactly the weights *and buffers* of an uninterrupted one: the EMA codebook
+    # (`embedding`), its statistics (`cluster_size`, `embed_sum`) and the dead-code bookkeeping (`last_used`)
+    straight = tmp_path / "straight"
+    launch(f"output_dir={straight}", "train.max_steps=6", "train.checkpoint_every=2", constant, script="train/vq.py",
+           config=config)
+    a = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_file(straight / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for buffer in ("embedding", "cluster_size", "embed_sum", "last_used"):
+        assert any(k.endswith(buffer) for k in a), (buffer, sorted(a))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"exact resume differs at {k}")
 
 
 def test_two_ranks_hold_identical_codebooks(tmp_path):

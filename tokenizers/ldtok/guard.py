@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .distributed import all_reduce_
 from .errors import LdtokError
 
 logger = logging.getLogger("ldtok.guard")
@@ -68,9 +69,7 @@ class NonFiniteGuard:
     def _any_rank(self, bad: bool | torch.Tensor) -> bool:
         """`bad` on any rank; one host sync (a GPU run pays one per optimizer step, not one per tensor)."""
         flag = torch.as_tensor(bad, device=self.accelerator.device).float().reshape(1)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "max")
-        return bool(flag.item() > 0)
+        return bool(all_reduce_(flag, op="max").item() > 0)
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter], *,
              max_grad_norm: float | None) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ The LPIPS backbones come from the torch hub cache (`torch.hub.get_dir()/checkpoi
 `$TORCH_HOME/hub/checkpoints`), downloaded by torchvision when missing; offline, `PerceptualWeightsUnavailable` (an
 `LdtokError`) says in one line which file to put in which directory. The shift-tolerant networks are rebuilt here
 (the package's own modules import IPython and torchsummary at import time, which are not dependencies) with the
-same module names, so the shipped state dicts load with `strict=True`; `tests/test_losses.py` checks the outputs
+same module names, so the shipped state dicts load with `strict=True`; `tests/test_perceptual.py` checks the outputs
 against the package's implementation.
 """
 

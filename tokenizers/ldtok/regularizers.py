@@ -132,24 +132,19 @@ def logits_to_image(logits: Tensor) -> Tensor:
 
 
 def validate_classic(cfg) -> None:
-    """Range checks of the `LossConfig` keys this module serves; a `ConfigError` naming the key."""
-    from ldtok.config import ConfigError  # a ValueError too
+    """Range checks of the `LossConfig` keys this module serves; a `ConfigValueError` naming the key."""
+    from ldtok.config import check_range, invalid  # a ValueError too
 
-    if not 0.0 < cfg.sparsity_target < 1.0:
-        raise ConfigError(f"loss.sparsity_target must be in (0, 1), got {cfg.sparsity_target!r}")
+    check_range(cfg, "sparsity_target", gt=0.0, lt=1.0)
     if cfg.sparsity_weight > 0 and cfg.sparsity == "none":
-        raise ConfigError("loss.sparsity_weight > 0 but loss.sparsity=none: choose loss.sparsity=l1 or kl")
-    if cfg.contractive_samples < 1:
-        raise ConfigError(f"loss.contractive_samples must be >= 1, got {cfg.contractive_samples!r}")
-    if cfg.kl_cycles < 1:
-        raise ConfigError(f"loss.kl_cycles must be >= 1, got {cfg.kl_cycles!r}")
-    if not 0.0 < cfg.kl_ratio <= 1.0:
-        raise ConfigError(f"loss.kl_ratio must be in (0, 1], got {cfg.kl_ratio!r}")
-    if cfg.kl_total_steps is not None and cfg.kl_total_steps < 1:
-        raise ConfigError(f"loss.kl_total_steps must be >= 1, got {cfg.kl_total_steps!r}")
+        raise invalid("sparsity", "is none but loss.sparsity_weight > 0: choose loss.sparsity=l1 or kl")
+    check_range(cfg, "contractive_samples", ge=1)
+    check_range(cfg, "kl_cycles", ge=1)
+    check_range(cfg, "kl_ratio", gt=0.0, le=1.0)
+    check_range(cfg, "kl_total_steps", ge=1)
     if cfg.kl_schedule == "cyclical" and cfg.kl_warmup_steps > 0:
-        raise ConfigError("loss.kl_warmup_steps is the linear schedule's ramp; with loss.kl_schedule=cyclical "
-                          "set loss.kl_ratio / loss.kl_cycles instead (and kl_warmup_steps=0)")
+        raise invalid("kl_warmup_steps", "is the linear schedule's ramp; with loss.kl_schedule=cyclical set "
+                      "loss.kl_ratio / loss.kl_cycles instead (and kl_warmup_steps=0)")
 
 
 def reconstruction_term(cfg, x: Tensor, x_rec: Tensor, output) -> Tensor:

@@ -9,62 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import ConfigError
+from ..config import check_choice, check_range, invalid
+from ..training.config import TrainLoopConfig, inherit_args
 
 
+@inherit_args(TrainLoopConfig)
 @dataclass
-class PriorTrainConfig:
-    """Optimization and infrastructure of a prior's training run (both scripts).
+class PriorTrainConfig(TrainLoopConfig):
+    """The `train` section of both prior scripts: the shared loop's keys (their prior defaults below) and these.
+
+    Defaults that differ from the autoencoders': `max_steps` 10000, `batch_size` 64, `adam_betas` (0.9, 0.999),
+    `mixed_precision` "no", `checkpoint_every` 0 (no checkpoints; the final weights are always written). The
+    transformer applies `weight_decay` to matrices only; the loss is computed in fp32.
 
     Args:
-        max_steps (`int`): optimizer steps.
-        batch_size (`int`): samples per process per forward.
-        gradient_accumulation_steps (`int`): batches accumulated into one optimizer step.
-        lr (`float`): peak learning rate (after warm-up).
-        adam_betas (`list[float]`): AdamW's betas.
-        weight_decay (`float`): AdamW weight decay (the transformer applies it to matrices only).
-        warmup_steps (`int`): linear learning-rate warm-up from 0.
-        lr_schedule (`"constant"` or `"cosine"`): after warm-up (cosine decays to 10% of `lr` at `max_steps`).
-        max_grad_norm (`float`, *optional*): gradient clipping; `None` disables it.
-        max_nonfinite_steps (`int`): a non-finite loss or gradient norm skips the optimizer step (counted, logged);
-            this many skipped steps in a row stop the run with an error naming the last good checkpoint.
-        mixed_precision (`"no"`, `"fp16"` or `"bf16"`): Accelerate's autocast (the loss is computed in fp32).
-        ema_decay (`float`, *optional*): keep an EMA of the weights (e.g. 0.9999); sampling and the export use it.
-        seed (`int`): seeds initialization, data order, noise and sampling.
         num_workers (`int`): DataLoader worker processes.
-        log_every (`int`): append the mean loss of the last `log_every` steps to `output_dir/metrics.jsonl`.
-        checkpoint_every (`int`): `accelerator.save_state` checkpoint every this many steps (and at the end);
-            0 disables checkpoints (the final weights are always written).
-        keep_checkpoints (`int`): keep only the newest this many checkpoints.
     """
 
     max_steps: int = 10_000
     batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    lr: float = 1e-4
     adam_betas: list[float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    max_grad_norm: float | None = 1.0
-    max_nonfinite_steps: int = 10
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    ema_decay: float | None = None
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 0
-    keep_checkpoints: int = 2
+    num_workers: int = 0
 
     def __post_init__(self):
-        self.adam_betas = list(self.adam_betas)
-        assert len(self.adam_betas) == 2, f"train.adam_betas needs 2 values, got {self.adam_betas}"
-        assert self.max_steps > 0, "train.max_steps must be positive"
-        assert self.batch_size > 0, "train.batch_size must be positive"
-        assert self.log_every > 0, "train.log_every must be positive"
-        assert self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: no checkpoints)"
-        assert self.keep_checkpoints > 0, "train.keep_checkpoints must be positive"
-        assert self.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"
+        super().__post_init__()
+        check_range(self, "num_workers", ge=0)
 
 
 # ------------------------------------------------------------------------------------------------ diffusion
@@ -94,12 +65,16 @@ class UNetConfig:
 
     def __post_init__(self):
         self.block_out_channels, self.attention = list(self.block_out_channels), list(self.attention)
-        assert len(self.attention) == len(self.block_out_channels), (
-            f"unet.attention needs one entry per level ({len(self.block_out_channels)}), got {self.attention}"
-        )
+        if len(self.attention) != len(self.block_out_channels):
+            raise invalid("attention", f"needs one entry per level ({len(self.block_out_channels)}), got "
+                          f"{self.attention}")
+        for key in ("layers_per_block", "attention_head_dim", "norm_num_groups", "num_classes"):
+            check_range(self, key, gt=0)
+        check_range(self, "dropout", ge=0, lt=1)
         for c in self.block_out_channels:
-            assert c % self.norm_num_groups == 0, f"unet.block_out_channels entry {c} not divisible by norm_num_groups"
-        assert self.num_classes is None or self.num_classes > 0, "unet.num_classes must be positive or null"
+            if c % self.norm_num_groups:
+                raise invalid("block_out_channels", f"entry {c} not divisible by norm_num_groups "
+                              f"{self.norm_num_groups}")
 
 
 @dataclass
@@ -115,6 +90,11 @@ class NoiseConfig:
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+    def __post_init__(self):
+        check_range(self, "num_train_timesteps", gt=0)
+        check_choice(self, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        check_choice(self, "prediction_type", ("epsilon", "v_prediction"))
 
 
 @dataclass
@@ -151,10 +131,11 @@ class PriorDiffusionConfig:
     grid_columns: int = 8
 
     def __post_init__(self):
-        assert self.shards, "shards: the latent-shard directory is required (shards=PATH)"
-        assert self.num_samples > 0 and self.num_inference_steps > 0 and self.grid_columns > 0, (
-            "num_samples, num_inference_steps and grid_columns must be positive"
-        )
+        if not self.shards:
+            raise invalid("shards", "the latent-shard directory is required (shards=PATH)")
+        for key in ("num_samples", "num_inference_steps", "grid_columns"):
+            check_range(self, key, gt=0)
+        check_choice(self, "sampler", ("ddim", "ddpm"))
 
 
 # ------------------------------------------------------------------------------------------------ transformer
@@ -177,10 +158,11 @@ class GPTConfig:
     num_classes: int | None = None
 
     def __post_init__(self):
-        assert self.hidden_size % self.num_heads == 0, (
-            f"model.hidden_size {self.hidden_size} not divisible by model.num_heads {self.num_heads}"
-        )
-        assert self.num_classes is None or self.num_classes > 0, "model.num_classes must be positive or null"
+        for key in ("num_layers", "num_heads", "hidden_size", "num_classes"):
+            check_range(self, key, gt=0)
+        check_range(self, "dropout", ge=0, lt=1)
+        if self.hidden_size % self.num_heads:
+            raise invalid("hidden_size", f"{self.hidden_size} not divisible by model.num_heads {self.num_heads}")
 
 
 @dataclass
@@ -220,12 +202,11 @@ class PriorTransformerConfig:
     code_groups: int = 1
 
     def __post_init__(self):
-        assert self.shards, "shards: the code-shard directory is required (shards=PATH)"
-        if self.code_groups < 1:
-            raise ConfigError(f"code_groups: must be >= 1, got {self.code_groups}")
-        assert self.num_samples > 0 and self.grid_columns > 0, "num_samples and grid_columns must be positive"
-        assert self.temperature > 0, f"temperature must be positive, got {self.temperature}"
-        assert self.top_k is None or self.top_k > 0, f"top_k must be positive or null, got {self.top_k}"
+        if not self.shards:
+            raise invalid("shards", "the code-shard directory is required (shards=PATH)")
+        check_range(self, "code_groups", ge=1)
+        for key in ("num_samples", "grid_columns", "temperature", "top_k"):
+            check_range(self, key, gt=0)
 
 
 __all__ = [

@@ -1,151 +1,26 @@
-"""The autoencoder loss: reconstruction + perceptual + KL / quantizer + adaptive-weight PatchGAN (+ LeCAM).
-
-Scaling convention: every term is a per-pixel mean. Reconstruction and perceptual are means over pixels; the KL term is
-LDM's per-sample KL sum (nats, summed over latent channels and positions, averaged over the batch) divided by the
-number of image values `3 * H * W`. LDM's `LPIPSWithDiscriminator` sums its NLL over pixels instead, so each of our
-terms is LDM's divided by the same constant `3 * H * W` (the adaptive GAN weight is a gradient-norm ratio against the
-NLL, so it scales by the same constant too). LDM's weights (`kl_weight=1e-6`, `perceptual_weight=1.0`,
-`disc_weight=0.5`) therefore carry over unchanged, and Adam, invariant to a constant loss scale, takes the same steps
-(up to its epsilon and the adaptive weight's 1e-4 / clamp). The quantizer term is taming's VQGAN convention (per-pixel
-mean NLL + `quant_weight * (beta * commit + codebook)`), which is already per-pixel.
-
-Who owns what: the loss has no trainable parameters. The perceptual network is injected (frozen, see
-`ldtok.perceptual`) and is left out of the loss's `state_dict` (it is rebuilt from its shipped files; the state dict
-then only holds the LeCAM statistics). The discriminator is a separate model with its own optimizer (build it with
-`build_discriminator(config)`); both loss methods receive it. The generator loss evaluates it with detached parameters
-through `torch.func.functional_call` on the unwrapped module, so it never writes discriminator gradients and never
-runs the DDP wrapper's forward; the discriminator loss calls the (possibly wrapped) discriminator exactly once.
-
-The adaptive GAN weight costs one backward through the perceptual net and the discriminator, not two as in taming /
-LDM: `ldtok.adaptive_weight` takes both losses' gradients at the reconstruction once and returns a loss with the same
-value and parameter gradients.
-"""
+"""The autoencoder loss module: `AutoencoderLoss` (generator and discriminator losses), `build_loss`,
+`build_discriminator`. The scaling convention and who owns what: see `ldtok.losses`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldtok import regularizers as reg
 from ldtok.adaptive_weight import adaptive_gan_loss
 from ldtok.discriminator import PatchDiscriminator
+from ldtok.distributed import all_reduce_, world_size
 from ldtok.outputs import AutoencoderOutput, QuantizerOutput
-from ldtok.perceptual import PERCEPTUAL_NETS, build_perceptual
+from ldtok.perceptual import build_perceptual
+
+from .config import LossConfig
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-
-@dataclass
-class LossConfig:
-    """Weights and switches of `AutoencoderLoss` (and the discriminator's shape).
-
-    Args:
-        reconstruction (`"l1"`, `"l2"` or `"bce"`, defaults to `"l1"`): pixel loss, mean over all values; `bce`:
-            Bernoulli likelihood, the decoder's output read as logits against the image mapped to [0, 1] (the trainer
-            then builds the model with a logits decoder; `mlp` and `vae2` models).
-        rec_weight (`float`, defaults to 1.0): weight of the pixel loss in the NLL.
-        perceptual (`str`, defaults to `"lpips-vgg"`): perceptual network (`ldtok.perceptual.PERCEPTUAL_NETS`:
-            `"lpips-vgg"`, `"lpips-alex"`, `"stlpips-vgg"`, `"stlpips-alex"` or `"none"`).
-        perceptual_weight (`float`, defaults to 1.0): weight of the mean perceptual distance in the NLL (0 skips it
-            and `build_loss` then builds no network).
-        perceptual_random_init (`bool`, defaults to `False`): random perceptual backbone; tests and offline mechanics
-            only, the distance is meaningless.
-        disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
-        disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
-            the GAN entirely (`disc_active` is then always False).
-        disc_start (`int`, defaults to 50001): first step (global optimizer step) with a GAN term / discriminator step.
-        disc_channels (`int`, defaults to 64): width of the discriminator's first conv.
-        disc_layers (`int`, defaults to 3): stride-2 convs in the PatchGAN discriminator.
-        adaptive_weight (`bool`, defaults to `True`): scale the GAN term by
-            `||grad_last NLL|| / (||grad_last GAN|| + 1e-4)` (taming / LDM).
-        adaptive_weight_max (`float`, defaults to 1e4): upper clamp of that ratio.
-        lecam_weight (`float`, defaults to 0.0): weight of the LeCAM regulariser on the discriminator (Tseng et al.
-            2021); 0 disables it.
-        lecam_decay (`float`, defaults to 0.999): EMA decay of LeCAM's mean real / fake logits.
-        kl_weight (`float`, defaults to 1e-6): weight of the KL term (KL models).
-        kl_warmup_steps (`int`, defaults to 0): KL weight ramps linearly from 0 to `kl_weight` over these steps; 0 = no
-            warm-up.
-        free_bits (`float`, defaults to 0.0): per-latent-channel KL floor in nats (per sample, summed over positions);
-            channels below it get no KL gradient. 0 disables it.
-        quant_weight (`float`, defaults to 1.0): weight of the quantizers' losses (VQ models).
-        kl_schedule (`"linear"` or `"cyclical"`), kl_cycles (`int`, 4), kl_ratio (`float`, 0.5), kl_total_steps
-            (`int`, *optional*, defaults to `train.max_steps`): the KL weight's schedule, see
-            `ldtok.regularizers.kl_weight_at` (linear: over `kl_warmup_steps`; cyclical: Fu et al. 2019).
-        sparsity (`"none"`, `"l1"` or `"kl"`), sparsity_weight (`float`, 0), sparsity_target (`float`, 0.05): the
-            sparse-autoencoder penalty on the latent code (`ldtok.regularizers.sparsity_penalty`).
-        contractive_weight (`float`, 0), contractive_samples (`int`, 1): the contractive penalty, the per-sample
-            squared Frobenius norm of the encoder's Jacobian, estimated in the model's forward with this many random
-            projections (`ldtok.regularizers.jacobian_frobenius_sq`).
-    """
-
-    reconstruction: Literal["l1", "l2", "bce"] = "l1"
-    rec_weight: float = 1.0
-    perceptual: str = "lpips-vgg"
-    perceptual_weight: float = 1.0
-    perceptual_random_init: bool = False
-    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_weight: float = 0.5
-    disc_start: int = 50001
-    disc_channels: int = 64
-    disc_layers: int = 3
-    adaptive_weight: bool = True
-    adaptive_weight_max: float = 1e4
-    lecam_weight: float = 0.0
-    lecam_decay: float = 0.999
-    kl_weight: float = 1e-6
-    kl_warmup_steps: int = 0
-    free_bits: float = 0.0
-    quant_weight: float = 1.0
-    kl_schedule: Literal["linear", "cyclical"] = "linear"
-    kl_cycles: int = 4
-    kl_ratio: float = 0.5
-    kl_total_steps: int | None = None
-    sparsity: Literal["none", "l1", "kl"] = "none"
-    sparsity_weight: float = 0.0
-    sparsity_target: float = 0.05
-    contractive_weight: float = 0.0
-    contractive_samples: int = 1
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise `ValueError` naming the first field with a value out of its range."""
-        choices = {
-            "reconstruction": ("l1", "l2", "bce"),
-            "disc_loss": ("hinge", "non_saturating"),
-            "perceptual": PERCEPTUAL_NETS,
-            "kl_schedule": reg.KL_SCHEDULES,
-            "sparsity": reg.SPARSITY_KINDS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in (
-            "rec_weight",
-            "perceptual_weight",
-            "disc_weight",
-            "disc_start",
-            "adaptive_weight_max",
-            "lecam_weight",
-            "kl_weight",
-            "kl_warmup_steps",
-            "free_bits",
-            "quant_weight",
-            "sparsity_weight",
-            "contractive_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.lecam_decay < 1.0:
-            raise ValueError(f"LossConfig.lecam_decay must be in [0, 1), got {self.lecam_decay!r}")
-        reg.validate_classic(self)
 
 
 def build_discriminator(config: LossConfig) -> PatchDiscriminator:
@@ -255,47 +130,64 @@ class AutoencoderLoss(nn.Module):
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
         terms["nll"] = nll
-        rest = torch.zeros((), device=x.device)  # the terms that do not pass through the decoder's output
+        rest = self._latent_terms(terms, step=step, num_values=C * H * W, posterior=posterior, quant=quant,
+                                  output=output)
+
+        loss = nll + rest
+        if self.disc_active(step):
+            loss = self._gan_term(terms, x_rec, discriminator=discriminator, last_layer=last_layer, step=step,
+                                  nll=nll, rest=rest, output=output)
+        terms["loss"] = loss
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def _latent_terms(self, terms: dict[str, Tensor], *, step: int, num_values: int,
+                      posterior: DiagonalGaussianDistribution | None, quant, output: AutoencoderOutput | None
+                      ) -> Tensor:
+        """The weighted terms that do not pass through the decoder's output (KL, encoder-side regularizers,
+        quantizer losses); adds their unweighted values to `terms`."""
+        cfg = self.config
+        rest = torch.zeros((), device=terms["rec"].device)
         posterior = posterior if posterior is not None or output is None else output.posterior
         if output is not None and output.kl_maps is not None:
-            kl, kl_nats, per_level = reg.hierarchical_kl(output.kl_maps, free_bits=cfg.free_bits, num_values=C * H * W)
+            kl, kl_nats, per_level = reg.hierarchical_kl(output.kl_maps, free_bits=cfg.free_bits, num_values=num_values)
             terms.update({f"kl_{name}": v for name, v in per_level.items()})
         elif posterior is not None:
-            kl, kl_nats = self._kl(posterior, num_values=C * H * W)
+            kl, kl_nats = self._kl(posterior, num_values=num_values)
         if posterior is not None or (output is not None and output.kl_maps is not None):
             terms["kl"], terms["kl_nats"] = kl, kl_nats
             rest = rest + self.kl_weight_at(step) * kl
         rest = rest + reg.classic_regularizers(cfg, output, terms)  # sparsity, contractive: encoder-side terms
-
         if quant is not None:
             quants = quant if isinstance(quant, (list, tuple)) else [quant]
             quant_loss = torch.stack([q.loss.float() for q in quants]).sum()
             terms["quant"] = quant_loss
             rest = rest + cfg.quant_weight * quant_loss
+        return rest
 
-        loss = nll + rest
-        if self.disc_active(step):
-            if discriminator is None:
-                raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
-            logits_fake = _call_with_detached_parameters(discriminator, _rgb(x_rec)).float()
-            if cfg.disc_loss == "hinge":
-                gan = -logits_fake.mean()
-            else:
-                gan = F.softplus(-logits_fake).mean()
-            terms["gan"] = gan
-            if self._can_adapt(nll, gan, last_layer):
-                # logits decoders (bce): x_rec = f(logits), and the bce term reads the logits themselves
-                pivot = output.logits if output is not None and output.logits is not None else x_rec
-                loss, terms["adaptive_weight"] = adaptive_gan_loss(
-                    pivot, nll=nll, gan=gan, rest=rest, last_layer=last_layer, disc_weight=cfg.disc_weight,
-                    max_ratio=cfg.adaptive_weight_max,
-                )
-            else:
-                terms["adaptive_weight"] = torch.tensor(cfg.disc_weight, device=x.device)
-                loss = loss + terms["adaptive_weight"] * gan
-
-        terms["loss"] = loss
-        return loss, {k: v.detach() for k, v in terms.items()}
+    def _gan_term(self, terms: dict[str, Tensor], x_rec: Tensor, *, discriminator: nn.Module | None,
+                  last_layer: Tensor | None, step: int, nll: Tensor, rest: Tensor,
+                  output: AutoencoderOutput | None) -> Tensor:
+        """The whole generator loss once the GAN is on: `nll + rest +` the (adaptively) weighted GAN term; adds
+        `gan` and `adaptive_weight` to `terms`."""
+        cfg = self.config
+        if discriminator is None:
+            raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
+        logits_fake = _call_with_detached_parameters(discriminator, _rgb(x_rec)).float()
+        if cfg.disc_loss == "hinge":
+            gan = -logits_fake.mean()
+        else:
+            gan = F.softplus(-logits_fake).mean()
+        terms["gan"] = gan
+        if self._can_adapt(nll, gan, last_layer):
+            # logits decoders (bce): x_rec = f(logits), and the bce term reads the logits themselves
+            pivot = output.logits if output is not None and output.logits is not None else x_rec
+            loss, terms["adaptive_weight"] = adaptive_gan_loss(
+                pivot, nll=nll, gan=gan, rest=rest, last_layer=last_layer, disc_weight=cfg.disc_weight,
+                max_ratio=cfg.adaptive_weight_max,
+            )
+            return loss
+        terms["adaptive_weight"] = torch.tensor(cfg.disc_weight, device=x_rec.device)
+        return nll + rest + terms["adaptive_weight"] * gan
 
     def _kl(self, posterior: DiagonalGaussianDistribution, *, num_values: int) -> tuple[Tensor, Tensor]:
         """(free-bits KL / num_values, raw per-sample KL in nats) of a diagonal Gaussian against N(0, I)."""
@@ -363,9 +255,9 @@ class AutoencoderLoss(nn.Module):
     @torch.no_grad()
     def _update_lecam(self, mean_real: Tensor, mean_fake: Tensor) -> None:
         means = torch.stack([mean_real, mean_fake]).to(self.lecam_ema)  # (2,)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
+        if world_size() > 1:  # every rank holds the same statistics
+            all_reduce_(means)
+            means /= world_size()
         if self.lecam_count.item() == 0:  # start from the first observation rather than a biased zero
             self.lecam_ema.copy_(means)
         else:

@@ -1,0 +1,109 @@
+"""`LossConfig`: the weights and switches of the autoencoder loss (and the discriminator's shape), validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ldtok import regularizers as reg
+from ldtok.config import check_choice, check_range
+from ldtok.perceptual import PERCEPTUAL_NETS
+
+NON_NEGATIVE = ("rec_weight", "perceptual_weight", "disc_weight", "disc_start", "adaptive_weight_max", "lecam_weight",
+                "kl_weight", "kl_warmup_steps", "free_bits", "quant_weight", "sparsity_weight", "contractive_weight")
+
+
+@dataclass
+class LossConfig:
+    """Weights and switches of `AutoencoderLoss` (and the discriminator's shape).
+
+    Args:
+        reconstruction (`"l1"`, `"l2"` or `"bce"`, defaults to `"l1"`): pixel loss, mean over all values; `bce`:
+            Bernoulli likelihood, the decoder's output read as logits against the image mapped to [0, 1] (the trainer
+            then builds the model with a logits decoder; `mlp` and `vae2` models).
+        rec_weight (`float`, defaults to 1.0): weight of the pixel loss in the NLL.
+        perceptual (`str`, defaults to `"lpips-vgg"`): perceptual network (`ldtok.perceptual.PERCEPTUAL_NETS`:
+            `"lpips-vgg"`, `"lpips-alex"`, `"stlpips-vgg"`, `"stlpips-alex"` or `"none"`).
+        perceptual_weight (`float`, defaults to 1.0): weight of the mean perceptual distance in the NLL (0 skips it
+            and `build_loss` then builds no network).
+        perceptual_random_init (`bool`, defaults to `False`): random perceptual backbone; tests and offline mechanics
+            only, the distance is meaningless.
+        disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
+        disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
+            the GAN entirely (`disc_active` is then always False).
+        disc_start (`int`, defaults to 50001): first step (global optimizer step) with a GAN term / discriminator step.
+        disc_channels (`int`, defaults to 64): width of the discriminator's first conv.
+        disc_layers (`int`, defaults to 3): stride-2 convs in the PatchGAN discriminator.
+        adaptive_weight (`bool`, defaults to `True`): scale the GAN term by
+            `||grad_last NLL|| / (||grad_last GAN|| + 1e-4)` (taming / LDM).
+        adaptive_weight_max (`float`, defaults to 1e4): upper clamp of that ratio.
+        lecam_weight (`float`, defaults to 0.0): weight of the LeCAM regulariser on the discriminator (Tseng et al.
+            2021); 0 disables it.
+        lecam_decay (`float`, defaults to 0.999): EMA decay of LeCAM's mean real / fake logits.
+        kl_weight (`float`, defaults to 1e-6): weight of the KL term (KL models).
+        kl_warmup_steps (`int`, defaults to 0): KL weight ramps linearly from 0 to `kl_weight` over these steps; 0 = no
+            warm-up.
+        free_bits (`float`, defaults to 0.0): per-latent-channel KL floor in nats (per sample, summed over positions);
+            channels below it get no KL gradient. 0 disables it.
+        quant_weight (`float`, defaults to 1.0): weight of the quantizers' losses (VQ models).
+        kl_schedule (`"linear"` or `"cyclical"`), kl_cycles (`int`, 4), kl_ratio (`float`, 0.5), kl_total_steps
+            (`int`, *optional*, defaults to `train.max_steps`): the KL weight's schedule, see
+            `ldtok.regularizers.kl_weight_at` (linear: over `kl_warmup_steps`; cyclical: Fu et al. 2019).
+        sparsity (`"none"`, `"l1"` or `"kl"`), sparsity_weight (`float`, 0), sparsity_target (`float`, 0.05): the
+            sparse-autoencoder penalty on the latent code (`ldtok.regularizers.sparsity_penalty`).
+        contractive_weight (`float`, 0), contractive_samples (`int`, 1): the contractive penalty, the per-sample
+            squared Frobenius norm of the encoder's Jacobian, estimated in the model's forward with this many random
+            projections (`ldtok.regularizers.jacobian_frobenius_sq`).
+    """
+
+    reconstruction: Literal["l1", "l2", "bce"] = "l1"
+    rec_weight: float = 1.0
+    perceptual: str = "lpips-vgg"
+    perceptual_weight: float = 1.0
+    perceptual_random_init: bool = False
+    disc_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_weight: float = 0.5
+    disc_start: int = 50001
+    disc_channels: int = 64
+    disc_layers: int = 3
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1e4
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    kl_weight: float = 1e-6
+    kl_warmup_steps: int = 0
+    free_bits: float = 0.0
+    quant_weight: float = 1.0
+    kl_schedule: Literal["linear", "cyclical"] = "linear"
+    kl_cycles: int = 4
+    kl_ratio: float = 0.5
+    kl_total_steps: int | None = None
+    sparsity: Literal["none", "l1", "kl"] = "none"
+    sparsity_weight: float = 0.0
+    sparsity_target: float = 0.05
+    contractive_weight: float = 0.0
+    contractive_samples: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ConfigValueError` naming the first key with a value out of its range or an unknown choice."""
+        choices = {
+            "reconstruction": ("l1", "l2", "bce"),
+            "disc_loss": ("hinge", "non_saturating"),
+            "perceptual": PERCEPTUAL_NETS,
+            "kl_schedule": reg.KL_SCHEDULES,
+            "sparsity": reg.SPARSITY_KINDS,
+        }
+        for name, allowed in choices.items():
+            check_choice(self, name, allowed)
+        for name in NON_NEGATIVE:
+            check_range(self, name, ge=0)
+        for name in ("disc_channels", "disc_layers"):
+            check_range(self, name, gt=0)
+        check_range(self, "lecam_decay", ge=0.0, lt=1.0)
+        reg.validate_classic(self)
+
+
+__all__ = ["LossConfig"]
