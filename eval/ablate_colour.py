@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from ldtok.default_dataset import default_dataset_dir
+    from ldtok.data.default_dataset import default_dataset_dir
 
     v1, v2 = default_dataset_dir(name="default-v1"), default_dataset_dir(name="default-v2")
     folders = {"v1": str(v1 / "train"), "v2": str(v2 / "train")}

@@ -72,8 +72,8 @@ def measure(run: Path) -> dict:
 
     from ldtok.data import DataConfig, build_dataset
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+    from ldtok.evaluation.report import write_report
     from ldtok.models import load_tokenizer
-    from ldtok.report import write_report
 
     model = load_tokenizer(run / "final")
     val = DataConfig(source="digits", split="validation", resolution=28, channels=1, label_column="label")

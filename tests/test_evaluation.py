@@ -1,4 +1,4 @@
-"""`ldtok.evaluation` / `ldtok.report` / `eval/reconstruct.py`: metrics of a perfect model, KL and VQ statistics, the
+"""`ldtok.evaluation` (and its `report`) / `eval/reconstruct.py`: metrics of a perfect model, KL and VQ statistics, the
 report files, and a 2-process run under `accelerate launch --cpu` that must give the numbers of a 1-process run."""
 
 import base64
@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+from ldtok.evaluation.report import write_report
 from ldtok.metrics import PSNR_CAP, codebook_stats, index_histogram
 from ldtok.models import KLAutoencoder, ModelConfig
 from ldtok.outputs import AutoencoderOutput
-from ldtok.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.x's simple launcher); torchrun's

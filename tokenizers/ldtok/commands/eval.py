@@ -115,12 +115,12 @@ def print_summary(result, paths: dict, file=sys.stdout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
     from accelerate import Accelerator
 
+    from ldtok.distributed import destroy
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+    from ldtok.evaluation.report import write_report
     from ldtok.models import load_tokenizer, tokenizer_in_channels
-    from ldtok.report import write_report
 
     perceptual = [n.strip() for n in args.perceptual.split(",") if n.strip() and n.strip() != "none"]
     unknown = sorted(set(perceptual) - set(PERCEPTUAL_DEFAULT))
@@ -154,6 +154,5 @@ def run(args: argparse.Namespace) -> int:
         paths = write_report(result, args.out, model=info, dataset=asdict(config))
         print_summary(result, paths)
     accelerator.wait_for_everyone()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
     return 0
