@@ -1,7 +1,9 @@
 """The `ldtok` command line: encode datasets into latent shards, decode and verify them, evaluate tokenizers.
 
-Every subcommand runs through `ldtok.errors.run_cli`: a failure the user can fix is one line (`error: ...`) and a
-non-zero exit status, no traceback; `--debug` (or `LDTOK_DEBUG=1`) shows the traceback.
+Flags that configure something come from dataclasses (`ldtok.config_cli`), as the YAML configs' keys do; a usage
+or config error is one line, exit code 2. Every subcommand runs through `ldtok.errors.run_cli`: a failure the user can
+fix is one line (`error: ...`) and a non-zero exit status, no traceback; `--debug` (or `LDTOK_DEBUG=1`) shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from ldtok.config import check_choice
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 
 # name -> (module, help); each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -48,10 +55,26 @@ CONFIGS: dict[str, tuple[str, str]] = {
 }
 
 
+@dataclass
+class KeysOptions:
+    """What `ldtok keys` lists.
+
+    Args:
+        config (`"train"`, `"prior-diffusion"`, `"prior-transformer"` or `"all"`, defaults to `"train"`): which
+            script's config: train (vae.py, vq.py), the priors, or all.
+    """
+
+    config: Literal["train", "prior-diffusion", "prior-transformer", "all"] = "train"
+
+    def __post_init__(self):
+        check_choice(self, "config", [*CONFIGS, "all"])
+
+
 def _keys(args: argparse.Namespace) -> int:
     from ldtok.config import describe
 
-    names = list(CONFIGS) if args.config == "all" else [args.config]
+    options = config_from_args(KeysOptions, args)
+    names = list(CONFIGS) if options.config == "all" else [options.config]
     for name in names:
         module_name, class_name = CONFIGS[name]
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -76,15 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ldtok", description=__doc__,
+    parser = ArgumentParser(prog="ldtok", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a failure (as LDTOK_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, which perceptual networks work offline").set_defaults(func=_info)
     keys = sub.add_parser("keys", help="every config key with its type, default and description")
-    keys.add_argument("--config", choices=[*CONFIGS, "all"], default="train",
-                      help="which script's config: train (vae.py, vq.py, the default), the priors, or all")
+    add_config_arguments(keys, KeysOptions)
     keys.set_defaults(func=_keys)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import check_choice, check_range, invalid
+
 PERCEPTUAL_DEFAULT = ("lpips-vgg", "lpips-alex", "stlpips-vgg", "stlpips-alex")
 
 
@@ -46,3 +48,15 @@ class EvalOptions:
     progress: bool = True
     latent_tools: bool = True
     anomaly_labels: str | None = None
+
+    def __post_init__(self):
+        check_range(self, "batch_size", gt=0)
+        check_range(self, "num_workers", ge=0)
+        unknown = [name for name in self.perceptual if name not in PERCEPTUAL_DEFAULT]
+        if unknown:
+            raise invalid("perceptual", f"unknown network(s) {', '.join(map(repr, unknown))} (allowed: "
+                                        f"{', '.join(PERCEPTUAL_DEFAULT)}, or none)")
+        check_choice(self, "fid", ("auto", "off"))
+        for name in ("grid_images", "interpolation_pairs", "prior_samples", "collapse_threshold"):
+            check_range(self, name, ge=0)
+        check_range(self, "interpolation_steps", ge=2)
