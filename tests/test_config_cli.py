@@ -55,21 +55,23 @@ class Toy:
 
 def parser_for(**kwargs) -> ArgumentParser:
     parser = ArgumentParser(prog="toy")
-    add_config_arguments(parser, Toy, **kwargs)
+    add_config_arguments(parser, Toy, positional=("name",), **kwargs)
     return parser
 
 
 def test_defaults_come_from_the_dataclass_and_round_trip():
     args = parser_for().parse_args(["x"])
-    assert config_from_args(Toy, args) == Toy(name="x")
+    assert config_from_args(Toy, args, positional=("name",)) == Toy(name="x")
 
 
 def test_every_kind_of_flag_parses_into_the_dataclass():
     argv = ["x", "--mode", "slow", "--no-verbose", "--sizes", "3,4,5", "--label", "L", "--rate", "2",
             "--inner-depth", "7"]
-    config = config_from_args(Toy, parser_for().parse_args(argv))
+    config = config_from_args(Toy, parser_for().parse_args(argv), positional=("name",))
     assert config == Toy(name="x", mode="slow", verbose=False, sizes=[3, 4, 5], label="L", rate=2.0, inner=Inner(7))
-    assert config_from_args(Toy, parser_for().parse_args(["x", "--sizes", "none"])).sizes == []
+    for sizes, expected in ((["none"], []), (["6", "7"], [6, 7]), (["6,7", "--sizes", "8"], [6, 7, 8])):
+        args = parser_for().parse_args(["x", "--sizes", *sizes])
+        assert config_from_args(Toy, args, positional=("name",)).sizes == expected
 
 
 def test_rename_exclude_prefix_and_overrides():
@@ -80,8 +82,17 @@ def test_rename_exclude_prefix_and_overrides():
     assert not {"--toy-rate", "--toy-inner-depth", "--rate", "--mode", "--toy-mode"} & flags
     args = parser.parse_args(["n", "--speed", "slow"])
     assert args.toy_name == "n" and args.speed == "slow"  # the attribute follows the flag
-    config = config_from_args(Toy, args, **selection, overrides={"rate": 3.0})
+    config = config_from_args(Toy, args, positional=("name",), **selection, overrides={"rate": 3.0})
     assert config == Toy(name="n", mode="slow", rate=3.0)
+
+
+def test_a_field_without_default_is_a_required_flag_unless_positional(capsys):
+    parser = ArgumentParser(prog="toy")
+    add_config_arguments(parser, Toy)
+    assert config_from_args(Toy, parser.parse_args(["--name", "n"])) == Toy(name="n")
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    assert "the following arguments are required: --name" in capsys.readouterr().err
 
 
 def test_help_states_the_docstring_description_and_the_default():
@@ -94,16 +105,16 @@ def test_help_states_the_docstring_description_and_the_default():
 
 def test_dataclass_validation_is_one_config_error_naming_the_flag():
     with pytest.raises(ConfigError, match=r"^--rate: must be >= 0, got -1\.0$"):
-        config_from_args(Toy, parser_for().parse_args(["x", "--rate", "-1"]))
+        config_from_args(Toy, parser_for().parse_args(["x", "--rate", "-1"]), positional=("name",))
     with pytest.raises(ConfigError, match=r"^--inner-depth: must be >= 1, got 0$"):
-        config_from_args(Toy, parser_for().parse_args(["x", "--inner-depth", "0"]))
+        config_from_args(Toy, parser_for().parse_args(["x", "--inner-depth", "0"]), positional=("name",))
     # the same check as YAML's: from_dict names the dotted key there
     with pytest.raises(ConfigError, match=r"^inner\.depth: must be >= 1, got 0$"):
         from_dict(Toy, {"name": "x", "inner": {"depth": 0}})
 
 
 def test_usage_errors_are_one_line_exit_2(capsys):
-    for argv in (["x", "--mode", "medium"], ["x", "--sizes", "1,b"], [], ["x", "--bogus"]):
+    for argv in (["x", "--mode", "medium"], ["x", "--sizes", "1,b"], [], ["x", "--bogus"], ["x", "--sizes"]):
         with pytest.raises(SystemExit) as exit_info:
             parser_for().parse_args(argv)
         assert exit_info.value.code == 2

@@ -52,6 +52,7 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "train": ("ldtok.training", "RunConfig"),  # train/vae.py and train/vq.py
     "prior-diffusion": ("ldtok.priors.config", "PriorDiffusionConfig"),
     "prior-transformer": ("ldtok.priors.config", "PriorTransformerConfig"),
+    "eval": ("ldtok.evaluation", "EvalOptions"),  # `ldtok eval`'s flags
 }
 
 
@@ -60,11 +61,11 @@ class KeysOptions:
     """What `ldtok keys` lists.
 
     Args:
-        config (`"train"`, `"prior-diffusion"`, `"prior-transformer"` or `"all"`, defaults to `"train"`): which
-            script's config: train (vae.py, vq.py), the priors, or all.
+        config (`"train"`, `"prior-diffusion"`, `"prior-transformer"`, `"eval"` or `"all"`, defaults to `"train"`):
+            which config: train (vae.py, vq.py), the priors, the options of `ldtok eval`, or all.
     """
 
-    config: Literal["train", "prior-diffusion", "prior-transformer", "all"] = "train"
+    config: Literal["train", "prior-diffusion", "prior-transformer", "eval", "all"] = "train"
 
     def __post_init__(self):
         check_choice(self, "config", [*CONFIGS, "all"])

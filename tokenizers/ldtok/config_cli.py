@@ -6,10 +6,11 @@ options = config_from_args(EvalOptions, parser.parse_args())
 ```
 
 One flag per dataclass field: `--field-name` (nested sections `--section-key`; `prefix="data"` gives `--data-key`),
-its type from the annotation (`Literal` -> choices; `bool` -> `--x/--no-x`; lists and tuples as one comma-separated
-value, `none` for an empty list; `X | None` -> `X`, left out means `None`), its default from the dataclass and its help
-from the field's entry in the dataclass docstring's `Args:` section (`ldtok.config.arg_descriptions`). A field without
-a default becomes a positional argument. `config_from_args` builds the dataclass back through `ldtok.config.from_dict`,
+its type from the annotation (`Literal` -> choices; `bool` -> `--x/--no-x`; lists and tuples take values separated
+by spaces or commas, the flag may repeat, `none` is an empty list; `X | None` -> `X`, left out means `None`), its
+default from the dataclass and its help from the field's entry in the dataclass docstring's `Args:` section
+(`ldtok.config.arg_descriptions`). A field without a default is a required flag, or a positional argument when listed
+in `positional`. `config_from_args` builds the dataclass back through `ldtok.config.from_dict`,
 so values are checked exactly as a YAML file's are; its one-line `ConfigError` (exit code 2) names the flag.
 """
 
@@ -24,11 +25,13 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from .config import ConfigError, _assign, _section_type, arg_descriptions, from_dict
 
 T = TypeVar("T")
+_METAVARS = {str: "NAME", int: "N", float: "X"}
 
 
 def add_config_arguments(parser, cls: type, *, prefix: str = "", rename: dict[str, str] | None = None,
                          exclude: Iterable[str] = (), only: Iterable[str] | None = None,
-                         defaults: dict[str, Any] | None = None, help: dict[str, str] | None = None):
+                         positional: Iterable[str] = (), defaults: dict[str, Any] | None = None,
+                         help: dict[str, str] | None = None):
     """Add one flag per field of dataclass `cls` to `parser` (an `ArgumentParser` or an argument group).
 
     Args:
@@ -39,15 +42,20 @@ def add_config_arguments(parser, cls: type, *, prefix: str = "", rename: dict[st
             field's name (`{"source": "data-source"}`); the flag's namespace attribute follows the flag.
         exclude (*iterable of str*): dotted fields that get no flag (they keep their dataclass default).
         only (*iterable of str*, *optional*): flags for these dotted fields only.
+        positional (*iterable of str*): fields without a default that are positional arguments, in this order.
         defaults (`dict[str, Any]`, *optional*): dotted field -> default of the flag, instead of the dataclass's.
         help (`dict[str, str]`, *optional*): dotted field -> help text, instead of the docstring's description.
     """
     defaults, help = dict(defaults or {}), dict(help or {})
-    for key, tp, field, doc, flag, dest in _flags(cls, prefix, rename, exclude, only):
+    flags = list(_flags(cls, prefix, rename, exclude, only))
+    order = {key: i for i, key in enumerate(positional)}
+    for key, tp, field, doc, flag, dest in sorted(flags, key=lambda f: order.get(f[0], -1)):
         default = defaults.get(key, _field_default(field))
         kwargs = _argument_kwargs(key, tp, default, help.get(key, doc))
-        if default is dataclasses.MISSING:
+        if key in order:
             parser.add_argument(dest, **kwargs)
+        elif default is dataclasses.MISSING:
+            parser.add_argument(f"--{flag}", dest=dest, required=True, **kwargs)
         else:
             parser.add_argument(f"--{flag}", dest=dest, default=default, **kwargs)
     return parser
@@ -55,14 +63,15 @@ def add_config_arguments(parser, cls: type, *, prefix: str = "", rename: dict[st
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, *, prefix: str = "",
                      rename: dict[str, str] | None = None, exclude: Iterable[str] = (),
-                     only: Iterable[str] | None = None, overrides: dict[str, Any] | None = None) -> T:
+                     only: Iterable[str] | None = None, positional: Iterable[str] = (),
+                     overrides: dict[str, Any] | None = None) -> T:
     """The `cls` that the flags of `add_config_arguments(parser, cls, ...)` describe.
 
     Args:
         cls (`type`): the config dataclass.
         namespace (`argparse.Namespace`): the parsed command line.
-        prefix, rename, exclude, only: the same as given to `add_config_arguments` (they say which attribute holds
-            which field).
+        prefix, rename, exclude, only, positional: the same as given to `add_config_arguments` (they say which
+            attribute holds which field).
         overrides (`dict[str, Any]`, *optional*): dotted field -> value, set after the flags (values a command
             computes, e.g. a default that depends on another flag).
 
@@ -71,9 +80,10 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace, *, prefix: str
     """
     data: dict[str, Any] = {}
     names = {}
-    for key, _, field, _, flag, dest in _flags(cls, prefix, rename, exclude, only):
+    positional = set(positional)
+    for key, _, _, _, flag, dest in _flags(cls, prefix, rename, exclude, only):
         _assign(data, key, getattr(namespace, dest))
-        names[key] = dest if field.default is field.default_factory is dataclasses.MISSING else f"--{flag}"
+        names[key] = dest if key in positional else f"--{flag}"
     for key, value in (overrides or {}).items():
         _assign(data, key, value)
     try:
@@ -110,7 +120,8 @@ def _name_flag(message: str, flags: dict[str, str]) -> str:
 
 
 def _leaves(cls: type, prefix: str):
-    """`(dotted key, type, field, description)` of every non-section field of `cls`, sections expanded."""
+    """`(dotted key, type, field, description)` of every non-section field of `cls`, sections expanded; an optional
+    section (`DataConfig | None`) gets no flags (it stays unset)."""
     hints = get_type_hints(cls)
     docs = arg_descriptions(cls)
     for field in dataclasses.fields(cls):
@@ -155,25 +166,29 @@ def _argument_kwargs(key: str, tp: Any, default: Any, doc: str) -> dict[str, Any
         item = _strip_optional(next((a for a in get_args(tp) if a is not Ellipsis), str))
         if item not in (str, int, float):
             raise TypeError(f"config field {key!r}: no command-line form for lists of {item!r}; exclude it")
-        return {"type": _list_parser(item), "metavar": "A,B,...", "help": f"{doc}; comma-separated, 'none' for an "
-                f"empty list{shown}"}
+        return {"nargs": "+", "action": _ListAction, "item": item, "metavar": _METAVARS[item],
+                "help": f"{doc}; values separated by spaces or commas, 'none' for an empty list{shown}"}
     if tp in (str, int, float):
         return {"type": tp, "help": f"{doc}{shown}"}
     raise TypeError(f"config field {key!r}: no command-line form for {tp!r}; exclude it")
 
 
-def _list_parser(item: type):
-    def parse(text: str) -> list:
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if parts == ["none"]:
-            return []
-        try:
-            return [item(p) for p in parts]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
+class _ListAction(argparse.Action):
+    """A list flag: `--x a b`, `--x a,b` and `--x a --x b` all give `[a, b]`; `--x none` gives `[]`."""
 
-    parse.__name__ = f"list of {item.__name__}"
-    return parse
+    def __init__(self, *args, item: type = str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.item = item
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parts = [p.strip() for v in values for p in v.split(",") if p.strip()]
+        try:
+            items = [] if parts == ["none"] else [self.item(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentError(self, f"expected {self.item.__name__} values, got {values!r}") from None
+        current = getattr(namespace, self.dest, None)
+        given = current is not self.default and isinstance(current, list)  # repeated flag: extend
+        setattr(namespace, self.dest, (current if given else []) + items)
 
 
 def _show(value: Any) -> str:

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         check_resolution(config.resolution, model.downsample_factor)
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
         dataset = build_dataset_or_error(config)
-    feature_net = load_feature_net(args.feature_net) if args.feature_net and args.fid != "off" else None
+    feature_net = load_feature_net(args.feature_net) if args.feature_net and options.fid != "off" else None
     result = evaluate_tokenizer(model, dataset, accelerator=accelerator, options=options, feature_net=feature_net)
     if accelerator.is_main_process:
         info = {"path": str(model_dir), "kind": result.kind, "config_sha256": model.config_sha256()}

@@ -33,13 +33,13 @@ class PushOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, PushOptions)
+    add_config_arguments(parser, PushOptions, positional=("dir", "repo_id"))
 
 
 def run(args: argparse.Namespace) -> int:
     from ldtok.hub import push_to_hub
 
-    options = config_from_args(PushOptions, args)
+    options = config_from_args(PushOptions, args, positional=("dir", "repo_id"))
     result = push_to_hub(options.dir, options.repo_id, private=options.private, commit_message=options.message)
     print(f"pushed {result.folder} to {result.repo_id}: {result.url}")
     return 0
