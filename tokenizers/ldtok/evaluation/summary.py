@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..data import DataError
 from ..metrics import PSNR_CAP, bit_entropy, codebook_stats, collapsed_channels, fid_from_moments
 from .result import EvalResult, Metric
 
@@ -14,7 +15,7 @@ def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason)
     """Aggregate the merged per-sample values into `Metric`s and the per-image table."""
     ids = gathered.ids("psnr")
     if not ids:
-        raise ValueError("no image was evaluated (empty dataset, or every image failed to decode)")
+        raise DataError("no image was evaluated (empty dataset, or every image failed to decode)")
     metrics = _image_metrics(gathered, len(ids)) + _perceptual_metrics(gathered, options.perceptual, nets, not_run)
     fid_metric, feature_info = _fid_metric(gathered, features, fid_reason)
     codebook_metrics, codebook = _codebook_metrics(model, gathered)
