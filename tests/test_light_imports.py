@@ -24,3 +24,13 @@ def test_building_a_perceptual_network_is_what_imports_lpips():
     env = {"PYTHONPATH": str(ROOT / "tokenizers"), "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_usage_error_of_one_subcommand_imports_no_other_subcommand():
+    code = ("import sys\nfrom ldtok.cli import main\ntry:\n    main(['keys', '--config', 'nope'])\n"
+            "except SystemExit as e:\n    assert e.code == 2\n"
+            "loaded = [m for m in ('torch', 'ldtok.commands.encode', 'ldtok.commands.eval') if m in sys.modules]\n"
+            "assert not loaded, loaded")
+    env = {"PYTHONPATH": str(ROOT / "tokenizers"), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="ldtok", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="ldtok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a failure (as LDTOK_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,12 +108,14 @@ def _main(argv: list[str]) -> int:
     keys = sub.add_parser("keys", help="every config key with its type, default and description")
     add_config_arguments(keys, KeysOptions)
     keys.set_defaults(func=_keys)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p = sub.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:  # only the subcommand that runs is imported (encode's and eval's imports take seconds)
+            module = importlib.import_module(module_name)
+            p.description = module.__doc__
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
