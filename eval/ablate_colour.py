@@ -22,13 +22,17 @@ Prints a table (and the change of each row against its family's base row) and wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from ldtok.config import check_range, invalid
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
+from ldtok.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b", "cast_gain_r",
@@ -146,21 +150,36 @@ def print_table(rows: dict[str, dict]) -> None:
               f"da* {d['lab_shift_a']:+7.3f}")
 
 
+@dataclass
+class AblationOptions:
+    """What the ablation trains.
+
+    Args:
+        steps (`int`, defaults to 250): training steps per variant.
+        out (`str`, defaults to `"runs/ablate-colour"`): the runs and `ablation.json`.
+        only (`list[str]`, *optional*): variant names to run (default: all).
+    """
+
+    steps: int = 250
+    out: str = "runs/ablate-colour"
+    only: list[str] | None = None
+
+    def __post_init__(self):
+        check_range(self, "steps", gt=0)
+        unknown = [n for n in self.only or [] if n not in VARIANTS]
+        if unknown:
+            raise invalid("only", f"unknown variants {unknown} (allowed: {', '.join(VARIANTS)})")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--out", default="runs/ablate-colour")
-    parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    args = config_from_args(AblationOptions, add_config_arguments(parser, AblationOptions).parse_args())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from ldtok.default_dataset import default_dataset_dir
+    from ldtok.data.default_dataset import default_dataset_dir
 
     v1, v2 = default_dataset_dir(name="default-v1"), default_dataset_dir(name="default-v2")
     folders = {"v1": str(v1 / "train"), "v2": str(v2 / "train")}
-    names = args.only.split(",") if args.only else list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; have {list(VARIANTS)}")
+    names = args.only or list(VARIANTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "eval"))
@@ -179,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,10 +28,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ldtok.config import check_range, invalid
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
+from ldtok.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +77,8 @@ def measure(run: Path) -> dict:
 
     from ldtok.data import DataConfig, build_dataset
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+    from ldtok.evaluation.report import write_report
     from ldtok.models import load_tokenizer
-    from ldtok.report import write_report
 
     model = load_tokenizer(run / "final")
     val = DataConfig(source="digits", split="validation", resolution=28, channels=1, label_column="label")
@@ -92,13 +97,32 @@ def measure(run: Path) -> dict:
             "probe_acc": float(probe.score(z_val, y_val)), "eval": str(run / "eval")}
 
 
+@dataclass
+class SweepOptions:
+    """What the sweep trains.
+
+    Args:
+        out (`str`, defaults to `"runs/beta-sweep"`): one run per beta and `results.json`.
+        betas (`list[float]`, defaults to `[0.5, 1.0, 4.0]`): the KL weights to train.
+        latent (`int`, defaults to 8): latent size (8: room for beta to switch units off).
+        steps (`int`, defaults to 1500): training steps per run.
+    """
+
+    out: str = "runs/beta-sweep"
+    betas: list[float] = field(default_factory=lambda: [0.5, 1.0, 4.0])
+    latent: int = 8
+    steps: int = 1500
+
+    def __post_init__(self):
+        if not self.betas or min(self.betas) < 0:
+            raise invalid("betas", f"needs at least one beta, each >= 0, got {self.betas}")
+        check_range(self, "latent", gt=0)
+        check_range(self, "steps", gt=0)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/beta-sweep")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 4.0])
-    parser.add_argument("--latent", type=int, default=8, help="latent size (8: room for beta to switch units off)")
-    parser.add_argument("--steps", type=int, default=1500)
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = config_from_args(SweepOptions, add_config_arguments(parser, SweepOptions).parse_args())
     out = Path(args.out)
     results = {}
     for beta in args.betas:
@@ -119,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

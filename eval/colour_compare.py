@@ -11,11 +11,15 @@ one row of reconstructions per model, in the order given. `--json` also writes t
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ldtok.config import check_range, invalid
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
+from ldtok.errors import run_cli
 
 COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b")
 
@@ -28,15 +32,37 @@ def load_folder(path: str, *, resolution: int) -> torch.Tensor:
     return torch.stack([item["pixel_values"] for item in dataset if "pixel_values" in item])
 
 
+@dataclass
+class CompareOptions:
+    """What to compare.
+
+    Args:
+        model (`list[str]`): `NAME=DIR` per model (a diffusers model directory); repeat the flag for more.
+        data (`str`): folder of validation images.
+        resolution (`int`, defaults to 64): side of the center crops.
+        grid (`int`, defaults to 8): images in the grid.
+        out (`str`): the grid PNG.
+        json (`str`, *optional*): also write the numbers here.
+    """
+
+    model: list[str]
+    data: str
+    out: str
+    resolution: int = 64
+    grid: int = 8
+    json: str | None = None
+
+    def __post_init__(self):
+        bad = [m for m in self.model if "=" not in m]
+        if bad:
+            raise invalid("model", f"expected NAME=DIR, got {bad}")
+        check_range(self, "resolution", gt=0)
+        check_range(self, "grid", ge=0)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", required=True, help="NAME=DIR (a diffusers model directory)")
-    parser.add_argument("--data", required=True, help="folder of validation images")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--grid", type=int, default=8, help="images in the grid")
-    parser.add_argument("--out", required=True, help="grid PNG")
-    parser.add_argument("--json", default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    args = config_from_args(CompareOptions, add_config_arguments(parser, CompareOptions).parse_args())
 
     from ldtok.images import make_grid, save_image_atomic
     from ldtok.models import load_tokenizer
@@ -63,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

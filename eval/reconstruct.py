@@ -10,11 +10,12 @@ Flags: `python eval/reconstruct.py --help`.
 import argparse
 
 from ldtok.commands import eval as eval_command
+from ldtok.config_cli import ArgumentParser
 from ldtok.errors import run_cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=eval_command.__doc__,
+    parser = ArgumentParser(description=eval_command.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     eval_command.add_arguments(parser)
     return eval_command.run(parser.parse_args())

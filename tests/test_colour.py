@@ -146,7 +146,7 @@ def test_eval_report_has_colour_metrics_and_histogram_picture(tmp_path):
     from accelerate import Accelerator
 
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
-    from ldtok.report import write_report
+    from ldtok.evaluation.report import write_report
 
     x = _edit_lab(_photo_like(11))
     dataset = [{"pixel_values": x[i], "id": f"img{i}"} for i in range(2)]
@@ -167,7 +167,7 @@ def test_eval_report_has_colour_metrics_and_histogram_picture(tmp_path):
 
 
 def test_default_dataset_v2_adds_every_wheel_photo_and_keeps_v1_buildable():
-    from ldtok import default_dataset as dd
+    from ldtok.data import default_dataset as dd
 
     assert dd.DATASET_NAME == "default-v2"
     v1, v2 = dd.DATASETS["default-v1"], dd.DATASETS["default-v2"]

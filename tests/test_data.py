@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldtok import default_dataset
-from ldtok.data import DataConfig, ImageTransform, build_dataset, collate, decode_image
+from ldtok.data import DataConfig, ImageTransform, build_dataset, collate, decode_image, default_dataset
 
 R = 32  # test resolution
 
@@ -208,7 +207,8 @@ def _build_in(cache_dir: Path) -> dict:
 
 def test_default_dataset_is_deterministic_disjoint_and_race_safe(tmp_path, monkeypatch):
     # Two processes race to build into one cache dir; a third build goes to another dir.
-    code = "import sys; from ldtok.default_dataset import default_dataset_dir; print(default_dataset_dir(sys.argv[1]))"
+    code = ("import sys; from ldtok.data.default_dataset import default_dataset_dir; "
+            "print(default_dataset_dir(sys.argv[1]))")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "tokenizers")}
     racers = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "a")], env=env, stdout=subprocess.PIPE, text=True)

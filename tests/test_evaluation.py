@@ -1,4 +1,4 @@
-"""`ldtok.evaluation` / `ldtok.report` / `eval/reconstruct.py`: metrics of a perfect model, KL and VQ statistics, the
+"""`ldtok.evaluation` (and its `report`) / `eval/reconstruct.py`: metrics of a perfect model, KL and VQ statistics, the
 report files, and a 2-process run under `accelerate launch --cpu` that must give the numbers of a 1-process run."""
 
 import base64
@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,10 +21,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+from ldtok.evaluation.report import write_report
 from ldtok.metrics import PSNR_CAP, codebook_stats, index_histogram
 from ldtok.models import KLAutoencoder, ModelConfig
 from ldtok.outputs import AutoencoderOutput
-from ldtok.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.x's simple launcher); torchrun's
@@ -152,6 +153,27 @@ def test_perfect_model_gives_capped_psnr_ssim_one_zero_distance_and_zero_fid(acc
     if lpips.value is None:  # no torchvision VGG16 in the hub cache: reported, not dropped
         assert lpips.detail.startswith("not run: ") and "vgg16" in lpips.detail
     assert set(result.pictures) == {"reconstructions", "chroma_histogram"}  # no latent space: no interpolations
+
+
+def test_a_set_of_only_undecodable_images_is_a_one_line_data_error(accelerator):
+    from ldtok.data import DataError
+
+    class Broken(Images):
+        def __getitem__(self, i):
+            return {"skipped": self.ids[i], "error": "cannot decode"}
+
+    options = EvalOptions(perceptual=[], fid="off", progress=False)
+    with pytest.raises(DataError, match="no image was evaluated"):
+        evaluate_tokenizer(Perfect(), Broken(3), accelerator=accelerator, options=options)
+
+
+def test_eval_options_reject_values_out_of_range_naming_the_key():
+    from ldtok.config import ConfigError, from_dict
+
+    for key, value, text in (("batch_size", 0, "must be > 0"), ("interpolation_steps", 1, "must be >= 2"),
+                             ("perceptual", ["lpips-foo"], "allowed: lpips-vgg"), ("fid", "on", "'auto', 'off'")):
+        with pytest.raises(ConfigError, match=f"^{key}: .*{re.escape(text)}"):
+            from_dict(EvalOptions, {key: value})
 
 
 def test_fid_off_and_missing_weights_are_reported_not_dropped(accelerator):

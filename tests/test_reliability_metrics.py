@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from ldtok.cli import main as ldtok
 from ldtok.errors import LdtokError, run_cli
 from ldtok.evaluation import EvalResult, Metric
+from ldtok.evaluation.report import write_report
 from ldtok.metrics.image import psnr, ssim, to_uint8
 from ldtok.models import ModelConfig, build_model, load_tokenizer
-from ldtok.report import write_report
 from ldtok.shards import LatentShardDataset, verify
 from ldtok.validation import calibrate_latent_scale
 

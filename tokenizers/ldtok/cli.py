@@ -1,7 +1,9 @@
 """The `ldtok` command line: encode datasets into latent shards, decode and verify them, evaluate tokenizers.
 
-Every subcommand runs through `ldtok.errors.run_cli`: a failure the user can fix is one line (`error: ...`) and a
-non-zero exit status, no traceback; `--debug` (or `LDTOK_DEBUG=1`) shows the traceback.
+Flags that configure something come from dataclasses (`ldtok.config_cli`), as the YAML configs' keys do; a usage
+or config error is one line, exit code 2. Every subcommand runs through `ldtok.errors.run_cli`: a failure the user can
+fix is one line (`error: ...`) and a non-zero exit status, no traceback; `--debug` (or `LDTOK_DEBUG=1`) shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from ldtok.config import check_choice
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 
 # name -> (module, help); each module has `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -45,13 +52,30 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "train": ("ldtok.training", "RunConfig"),  # train/vae.py and train/vq.py
     "prior-diffusion": ("ldtok.priors.config", "PriorDiffusionConfig"),
     "prior-transformer": ("ldtok.priors.config", "PriorTransformerConfig"),
+    "eval": ("ldtok.evaluation", "EvalOptions"),  # `ldtok eval`'s flags
 }
+
+
+@dataclass
+class KeysOptions:
+    """What `ldtok keys` lists.
+
+    Args:
+        config (`"train"`, `"prior-diffusion"`, `"prior-transformer"`, `"eval"` or `"all"`, defaults to `"train"`):
+            which config: train (vae.py, vq.py), the priors, the options of `ldtok eval`, or all.
+    """
+
+    config: Literal["train", "prior-diffusion", "prior-transformer", "eval", "all"] = "train"
+
+    def __post_init__(self):
+        check_choice(self, "config", [*CONFIGS, "all"])
 
 
 def _keys(args: argparse.Namespace) -> int:
     from ldtok.config import describe
 
-    names = list(CONFIGS) if args.config == "all" else [args.config]
+    options = config_from_args(KeysOptions, args)
+    names = list(CONFIGS) if options.config == "all" else [options.config]
     for name in names:
         module_name, class_name = CONFIGS[name]
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -76,22 +100,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ldtok", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="ldtok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a failure (as LDTOK_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, which perceptual networks work offline").set_defaults(func=_info)
     keys = sub.add_parser("keys", help="every config key with its type, default and description")
-    keys.add_argument("--config", choices=[*CONFIGS, "all"], default="train",
-                      help="which script's config: train (vae.py, vq.py, the default), the priors, or all")
+    add_config_arguments(keys, KeysOptions)
     keys.set_defaults(func=_keys)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p = sub.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:  # only the subcommand that runs is imported (encode's and eval's imports take seconds)
+            module = importlib.import_module(module_name)
+            p.description = module.__doc__
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

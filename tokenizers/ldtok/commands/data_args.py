@@ -1,43 +1,44 @@
-"""The dataset flags that `ldtok encode` and `ldtok eval` share (the `data.*` keys of training configs)."""
+"""The dataset flags that `ldtok encode` and `ldtok eval` share, generated from `DataConfig` (the `data.*` keys of
+training configs): `--data-source`, `--data-path`, `--data-name`, `--data-subset`, `--split`, `--image-column`,
+`--streaming/--no-streaming`, `--max-samples`, `--cache-dir`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ldtok.config_cli import add_config_arguments, config_from_args
 from ldtok.data import DataConfig
 from ldtok.errors import LdtokError
 
 # what HF's imagefolder reads (PIL formats); a folder with none of these is empty for `--data-source folder`
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jp2")
 
+SHARED = ("source", "path", "name", "subset", "split", "image_column", "streaming", "max_samples", "cache_dir")
+# field -> flag where the flag is not the field's name (`--data-source` reads better than `--source` in a command)
+RENAME = {"source": "data-source", "path": "data-path", "name": "data-name", "subset": "data-subset"}
+
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, split_default: str | None, split_help: str,
                        verb: str) -> argparse._ArgumentGroup:
-    """Add `--data-source`, `--data-path`, `--data-name`, `--data-subset`, `--split`, `--image-column`,
-    `--streaming`, `--max-samples` and `--cache-dir` in a "data" group, which is returned for command-specific flags.
-    `verb` completes the help of `--max-samples` ("encode only the first N samples")."""
+    """Add the shared flags (`SHARED` fields of `DataConfig`) in a "data" group, which is returned for
+    command-specific flags. `verb` completes the help of `--max-samples` ("encode only the first N samples")."""
     data = parser.add_argument_group("data (as `data.*` in training configs)")
-    data.add_argument("--data-source", choices=["default", "folder", "hf", "webdataset", "digits"], default="default")
-    data.add_argument("--data-path", help="image folder (folder) or .tar shards glob / list (webdataset)")
-    data.add_argument("--data-name", help="HF dataset name or local dataset directory (hf)")
-    data.add_argument("--data-subset", help="HF dataset configuration name (hf)")
-    data.add_argument("--split", default=split_default, help=split_help)
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--streaming", action="store_true", help="stream the dataset")
-    data.add_argument("--max-samples", type=int, help=f"{verb} only the first N samples")
-    data.add_argument("--cache-dir", help="HF datasets cache directory")
-    return data
+    return add_config_arguments(
+        data, DataConfig, only=SHARED, rename=RENAME, defaults={"split": split_default},
+        help={"split": split_help, "max_samples": f"{verb} only the first N samples",
+              "source": "where the images come from: the embedded photo crops (default), a folder of images, an HF "
+                        "dataset, WebDataset shards or scikit-learn's digits"},
+    )
 
 
 def data_config_from_args(args: argparse.Namespace, *, split: str, resolution: int, **extra) -> DataConfig:
     """The `DataConfig` the shared flags describe, with the deterministic transform (center crop, no flip);
-    `extra` sets the command-specific fields (label/caption columns, `on_bad_image`)."""
-    return DataConfig(
-        source=args.data_source, path=args.data_path, name=args.data_name, subset=args.data_subset, split=split,
-        image_column=args.image_column, streaming=args.streaming, resolution=resolution, crop="center", flip=False,
-        num_workers=args.num_workers, max_samples=args.max_samples, cache_dir=args.cache_dir, **extra,
-    )  # fmt: skip
+    `extra` sets the command-specific fields (label/caption columns, `on_bad_image`). Values are validated as in a
+    YAML config: a bad one is a one-line `ConfigError` naming the flag (exit code 2)."""
+    overrides = {"split": split, "resolution": resolution, "crop": "center", "flip": False,
+                 "num_workers": args.num_workers, **extra}
+    return config_from_args(DataConfig, args, only=SHARED, rename=RENAME, overrides=overrides)
 
 
 def check_data_path(config: DataConfig) -> None:

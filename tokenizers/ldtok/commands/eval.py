@@ -26,12 +26,14 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error, data_config_from_args
+from ldtok.config_cli import add_config_arguments, config_from_args
+from ldtok.data import DataConfig
 from ldtok.errors import LdtokError
-from ldtok.evaluation import PERCEPTUAL_DEFAULT
+from ldtok.evaluation import EvalOptions
 from ldtok.models.loading import checkpoint_model_dir
 
 DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation", "webdataset": "validation",
@@ -46,33 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         split_help="split to evaluate; default: validation (default, hf, webdataset), train for a folder (HF's name "
                    "for a folder without split sub-folders)",
     )
-    data.add_argument("--resolution", type=int,
-                      help="side of the square center crops; default 128 for the default dataset (its crop size), "
-                           "else 256")
-    ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--batch-size", type=int, default=16, help="images per forward, per process")
-    ev.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
-    ev.add_argument("--perceptual", default=",".join(PERCEPTUAL_DEFAULT),
-                    help="comma-separated perceptual networks (lpips-vgg, lpips-alex, stlpips-vgg, stlpips-alex), or "
-                         "'none'; those without weights offline are reported as not run")
-    ev.add_argument("--fid", choices=["auto", "off"], default="auto",
-                    help="auto: rFID with the FID Inception when find_inception_file() finds it, else not run")
+    add_config_arguments(data, DataConfig, only=("resolution", "label_column"), defaults={"resolution": None}, help={
+        "resolution": "side of the square center crops; default 128 for the default dataset (its crop size), else 256",
+        "label_column": "integer class column (latent arithmetic uses group means by label)"})
+    ev = add_config_arguments(parser.add_argument_group("evaluation (EvalOptions)"), EvalOptions)
     ev.add_argument("--feature-net", metavar="FILE.py:FACTORY|MODULE:FACTORY",
                     help="rFID features from FACTORY() (a FeatureExtractor) instead of the FID Inception; for tests")
-    ev.add_argument("--grid-images", type=int, default=8, help="images in the reconstruction grid")
-    ev.add_argument("--interpolation-pairs", type=int, default=4, help="image pairs in the interpolation picture")
-    ev.add_argument("--interpolation-steps", type=int, default=8, help="decoded latents per interpolated pair")
-    ev.add_argument("--prior-samples", type=int, default=16, help="KL: images decoded from N(0, I) latents")
-    ev.add_argument("--collapse-threshold", type=float, default=0.01,
-                    help="KL: a channel with less KL than this (nats per image) counts as collapsed")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
-    ev.add_argument("--label-column", help="integer class column (latent arithmetic uses group means by label)")
-    ev.add_argument("--anomaly-labels", metavar="FILE.csv",
-                    help="CSV with columns id,label (1/anomalous, 0/normal): ROC-AUC of the per-image MSE as an "
-                         "anomaly score, and its histogram; ids normal/... and anomalous/... need no file")
-    ev.add_argument("--no-latent-tools", action="store_true", help="no latent atlas / traversal / arithmetic pictures")
     ev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def load_feature_net(spec: str):
@@ -115,45 +97,36 @@ def print_summary(result, paths: dict, file=sys.stdout) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
     from accelerate import Accelerator
 
-    from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+    from ldtok.distributed import destroy
+    from ldtok.evaluation import evaluate_tokenizer
+    from ldtok.evaluation.report import write_report
     from ldtok.models import load_tokenizer, tokenizer_in_channels
-    from ldtok.report import write_report
 
-    perceptual = [n.strip() for n in args.perceptual.split(",") if n.strip() and n.strip() != "none"]
-    unknown = sorted(set(perceptual) - set(PERCEPTUAL_DEFAULT))
-    if unknown:
-        raise LdtokError(f"--perceptual: unknown network(s) {unknown}; choose from {list(PERCEPTUAL_DEFAULT)}")
+    # every flag is checked before any model or data is loaded
+    options = config_from_args(EvalOptions, args)
+    source = args.data_source
+    config = data_config_from_args(
+        args, split=args.split or DEFAULT_SPLIT.get(source, "validation"), label_column=args.label_column,
+        resolution=args.resolution if args.resolution is not None else (128 if source == "default" else 256),
+    )
     accelerator = Accelerator(cpu=args.cpu)
     model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
     model = load_tokenizer(str(model_dir), device=accelerator.device)
-    config = data_config_from_args(
-        args, split=args.split or DEFAULT_SPLIT[args.data_source],
-        resolution=args.resolution or (128 if args.data_source == "default" else 256),
-        channels=tokenizer_in_channels(model), label_column=args.label_column,
-    )
+    config = replace(config, channels=tokenizer_in_channels(model))
     if hasattr(model, "downsample_factor"):
         from ldtok.models.shapes import check_resolution
 
         check_resolution(config.resolution, model.downsample_factor)
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
         dataset = build_dataset_or_error(config)
-    options = EvalOptions(
-        batch_size=args.batch_size, num_workers=args.num_workers, perceptual=perceptual, fid=args.fid,
-        grid_images=args.grid_images, interpolation_pairs=args.interpolation_pairs,
-        interpolation_steps=args.interpolation_steps, prior_samples=args.prior_samples,
-        collapse_threshold=args.collapse_threshold, seed=args.seed, progress=not args.no_progress,
-        latent_tools=not args.no_latent_tools, anomaly_labels=args.anomaly_labels,
-    )  # fmt: skip
-    feature_net = load_feature_net(args.feature_net) if args.feature_net and args.fid != "off" else None
+    feature_net = load_feature_net(args.feature_net) if args.feature_net and options.fid != "off" else None
     result = evaluate_tokenizer(model, dataset, accelerator=accelerator, options=options, feature_net=feature_net)
     if accelerator.is_main_process:
         info = {"path": str(model_dir), "kind": result.kind, "config_sha256": model.config_sha256()}
         paths = write_report(result, args.out, model=info, dataset=asdict(config))
         print_summary(result, paths)
     accelerator.wait_for_everyone()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
     return 0

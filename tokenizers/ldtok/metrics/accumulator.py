@@ -12,9 +12,9 @@ everything by the sample id from the data batch and removes repeats:
   padding repeats the first samples of the epoch, which are the first each process sees, so the default cache covers
   them. Repeats that cannot be removed are counted in `GatheredMetrics.unremoved_duplicates` (and warned about).
 
-`gather(accelerator)` is a collective: every process must call it. It exchanges the states with Accelerate's
-`gather_object` (or `torch.distributed.all_gather_object` when a process group exists but no accelerator is given)
-and every process gets the same merged `GatheredMetrics`. Without a process group it only merges its own state.
+`gather(accelerator)` is a collective: every process must call it. It exchanges the states with
+`ldtok.distributed.all_gather_objects` (over the `torch.distributed` group that Accelerate initializes) and every
+process gets the same merged `GatheredMetrics`. Without a process group it only merges its own state.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .codebook import index_histogram
@@ -221,22 +220,15 @@ class MetricAccumulator:
         """Merge the states of all processes (a collective: every process must call it); a merge of one without.
 
         Args:
-            accelerator (`accelerate.Accelerator`, *optional*): used for `gather_object` when it runs more than one
-                process; otherwise an initialized `torch.distributed` group is used if there is one.
+            accelerator (`accelerate.Accelerator`, *optional*): kept for callers that pass one; the merge goes
+                through `ldtok.distributed` (the `torch.distributed` group Accelerate initializes), with or without it.
 
         Returns:
             `GatheredMetrics`, the same on every process.
         """
-        state = self.state()
-        if accelerator is not None and accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+        from ..distributed import all_gather_objects
 
-            states = gather_object([state])
-        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, state)
-        else:
-            states = [state]
+        states = all_gather_objects(self.state())  # Accelerate's processes share torch.distributed's group
         return merge_states(states)
 
 
