@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from ldtok.config import ConfigError, load_config
 from ldtok.models import KLAutoencoder, ModelConfig
 from ldtok.priors import GPT, CodeLayout, CodeLevel, KVCache, PriorDiffusionConfig, PriorTransformerConfig
-from ldtok.priors.transformer_trainer import decode_codes
 from ldtok.shards import ShardWriter, load_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +121,7 @@ def load_script(name: str):
 
 
 @pytest.mark.parametrize("lookup_from_codebook", [False, True])
-def test_decode_codes_of_a_diffusers_vqmodel_equals_decoding_its_quantized_latents(tmp_path, lookup_from_codebook):
+def test_decode_fields_of_a_diffusers_vqmodel_equals_decoding_its_quantized_latents(tmp_path, lookup_from_codebook):
     from ldtok.models import load_tokenizer
 
     torch.manual_seed(0)
@@ -135,7 +134,7 @@ def test_decode_codes_of_a_diffusers_vqmodel_equals_decoding_its_quantized_laten
         h = vq.encode(x).latents  # (2, 4, 8, 8)
         _, _, (_, _, indices) = vq.quantize(h)
         expected = vq.decode(h).sample  # quantizes h itself, whatever lookup_from_codebook says
-        images = decode_codes(tokenizer, {"indices": indices.reshape(2, 8, 8)})
+        images = tokenizer.decode_fields({"indices": indices.reshape(2, 8, 8)})
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -241,6 +240,14 @@ def test_prior_diffusion_trains_samples_decodes_and_exports(shards, tmp_path):
     stats = load_manifest(shards["kl"])["stats"]
     assert prior["scaling_factor"] == pytest.approx(stats["scaling_factor"]) and prior["vae"] == str(
         shards["kl"].parent / "vae")
+    # final/ is a diffusers pipeline: loaded whole, it samples images with the run's latent scaling
+    from ldtok.priors.pipeline import LatentPriorPipeline
+
+    pipe = LatentPriorPipeline.from_pretrained(out / "final")
+    assert pipe.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    images = pipe(batch_size=2, num_inference_steps=2, class_labels=torch.tensor([0, 3]), output_type="pt",
+                  generator=torch.manual_seed(0)).images
+    assert images.shape == (2, 3, RES, RES) and 0 <= images.min() and images.max() <= 1
 
 
 TINY_GPT = ["model.num_layers=2", "model.num_heads=2", "model.hidden_size=64", "model.dropout=0.0",

@@ -4,23 +4,24 @@
 
 Latents are read with a fresh posterior sample per access and normalized with the manifest's statistics,
 `(z - shift_factor) * scaling_factor`; samples are unnormalized (`z / scaling_factor + shift_factor`) and decoded by
-the VAE (`vae=DIR`, default: the model the shards were encoded with). Writes to `output_dir`: `metrics.jsonl`,
-`samples.png`, `final/unet` (`UNet2DModel.from_pretrained`), `final/scheduler`, `final/prior.json` (latent scaling,
-VAE path), `summary.json`; logs to the trackers of `train.report_to`. Keys and defaults:
+the VAE (`vae=DIR`, default: the model the shards were encoded with, found by its path relative to the shards and
+checked by its weights hash). Writes to `output_dir`: `metrics.jsonl`, `samples.png`, `final/` (a diffusers pipeline:
+`LatentPriorPipeline.from_pretrained("OUT/final")` — `unet/`, `scheduler/`, a copy of the VAE in `vae/`,
+`model_index.json`, model card), `final/prior.json` (latent scaling, VAE path), `summary.json`; logs to the trackers
+of `train.report_to`. Keys and defaults:
 `python train/prior_diffusion.py --help`.
 """
 
 import json
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-from ldtok.config import ConfigError, parse_args, write_text_atomic
+from ldtok.config import parse_args, write_text_atomic
 from ldtok.errors import run_cli
 from ldtok.priors import PriorDiffusionConfig
 from ldtok.priors.diffusion_trainer import DiffusionPriorTask, export_diffusion_prior
-from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader
+from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir
 from ldtok.shards import LatentShardDataset
 from ldtok.training import TrainingLoop
 
@@ -30,9 +31,8 @@ def main() -> None:
     conditional = config.unet.num_classes is not None
     manifest = load_shards_manifest(config.shards, kinds=("kl",), labels="unet.num_classes" if conditional else None,
                                     needs="this script needs KL latents (train/prior_transformer.py models VQ codes)")
-    vae_dir = config.vae or manifest["model"].get("path")
-    if not vae_dir or not (Path(vae_dir) / "config.json").is_file():
-        raise ConfigError(f"vae: no diffusers AutoencoderKL directory at {vae_dir!r} (set vae=DIR)")
+    vae_dir = str(shard_model_dir(config.shards, config.vae, key="vae", what="diffusers AutoencoderKL directory",
+                                  manifest=manifest))
     tc = config.train
     loop = TrainingLoop(tc, output_dir=config.output_dir, config=config, resume=config.resume)
     # the VAE that decodes samples, loaded now so a bad one fails before training, not after it
@@ -51,7 +51,7 @@ def main() -> None:
 
     # Export, sample N latents, unnormalize, decode, grid.
     if loop.is_main:
-        export_diffusion_prior(out / "final", unet=task.final_unet, noise_scheduler=task.noise_scheduler, info={
+        export_diffusion_prior(out / "final", task=task, vae_dir=vae_dir, scale=scale, shift=shift, info={
             "vae": str(vae_dir), "shards": str(config.shards), "scaling_factor": scale, "shift_factor": shift,
             "latent_shape": list(latent_shape)})
         N, device = config.num_samples, loop.accelerator.device

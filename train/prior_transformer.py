@@ -5,7 +5,8 @@
 Codes are read in raster order; VQ-VAE-2's top codes come first, then the bottom codes, each level with its own
 vocabulary offset (`ldtok.priors.CodeLayout`). At the end `num_samples` sequences are sampled (temperature, top-k),
 written to `samples.safetensors` and, with `decode: true`, decoded by the tokenizer (`tokenizer=DIR`, default: the
-model the shards were encoded with, loaded by `ldtok.models.load_tokenizer`) into `samples.png`. Also
+model the shards were encoded with, found by its path relative to the shards and checked by its weights hash,
+loaded by `ldtok.models.load_tokenizer`) into `samples.png`. Also
 writes `metrics.jsonl`, `final/transformer` (`ldtok.priors.GPT.from_pretrained`), `final/prior.json` (layout,
 tokenizer path) and `summary.json`; logs to the trackers of `train.report_to`. Keys and defaults:
 `python train/prior_transformer.py --help`.
@@ -13,13 +14,12 @@ tokenizer path) and `summary.json`; logs to the trackers of `train.report_to`. K
 
 import json
 import logging
-from pathlib import Path
 
 from ldtok.config import ConfigError, parse_args, write_text_atomic
 from ldtok.errors import run_cli
 from ldtok.models import load_tokenizer, save_pretrained_atomic
 from ldtok.priors import CodeLayout, PriorTransformerConfig
-from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader
+from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir
 from ldtok.priors.transformer_trainer import TransformerPriorTask, decode_samples, save_codes
 from ldtok.shards import LatentShardDataset
 from ldtok.training import TrainingLoop
@@ -32,16 +32,15 @@ def main() -> None:
     manifest = load_shards_manifest(
         config.shards, kinds=("vq", "vqvae2"), labels="model.num_classes" if config.model.num_classes else None,
         needs="this script needs VQ codes (train/prior_diffusion.py models KL latents)")
-    tokenizer_dir = config.tokenizer or manifest["model"].get("path")
-    if config.decode and (not tokenizer_dir or not (Path(tokenizer_dir) / "config.json").is_file()):
-        raise ConfigError(f"tokenizer: no model directory at {tokenizer_dir!r} (set tokenizer=DIR, or decode=false "
-                          "to only write the sampled codes)")
+    tokenizer_dir = str(shard_model_dir(config.shards, config.tokenizer, key="tokenizer", manifest=manifest,
+                                        what="model directory (or decode=false to only write the sampled codes)")
+                        ) if config.decode else None
     # the tokenizer is loaded before training so that a wrong one fails now, not after it
     tokenizer = load_tokenizer(tokenizer_dir) if config.decode else None  # eval mode, on CPU until sampling
     codebook_sizes = tokenizer.codebook_sizes if tokenizer is not None else None
-    if tokenizer is not None and (tokenizer.kind != manifest["kind"]
+    if tokenizer is not None and (tokenizer.latent_kind != manifest["kind"]
                                   or max(codebook_sizes) != manifest["codebook_size"]):
-        raise ConfigError(f"tokenizer: {tokenizer_dir} is a {tokenizer.kind!r} model with codebooks of "
+        raise ConfigError(f"tokenizer: {tokenizer_dir} is a {tokenizer.latent_kind!r} model with codebooks of "
                           f"{codebook_sizes} codes, the shards hold {manifest['kind']!r} codes of codebook_size "
                           f"{manifest['codebook_size']}: not the model that encoded them")
     layout = CodeLayout.from_manifest(manifest, codebook_sizes=codebook_sizes, groups=config.code_groups)

@@ -105,12 +105,19 @@ class DiffusionPriorTask(PriorTask):
         return z
 
 
-def export_diffusion_prior(path: Path, *, unet: UNet2DModel, noise_scheduler: DDPMScheduler, info: dict) -> None:
-    """The final export of a diffusion prior: `path/unet` (`UNet2DModel.from_pretrained`), `path/scheduler` and
+def export_diffusion_prior(path: Path, *, task: DiffusionPriorTask, vae_dir: str, scale: float,
+                           shift: float | None, info: dict) -> None:
+    """The final export of a diffusion prior: `path` becomes a `LatentPriorPipeline` directory (`model_index.json`,
+    `unet/`, `scheduler/` (the configured sampler), `vae/`, model card; `ldtok.priors.pipeline`), plus
     `path/prior.json` (`info`: latent scaling, VAE, shards, latent shape)."""
-    save_pretrained_atomic(unet, path / "unet")
-    write_text_atomic(path / "scheduler" / "scheduler_config.json", noise_scheduler.to_json_string())
-    write_text_atomic(path / "prior.json", json.dumps(info, indent=2))
+    from .pipeline import save_prior_pipeline
+
+    config = task.config
+    sampler_cls = DDIMScheduler if config.sampler == "ddim" else DDPMScheduler
+    save_prior_pipeline(path, unet=task.final_unet, scheduler=sampler_cls.from_config(task.noise_scheduler.config),
+                        tokenizer_dir=vae_dir, scaling_factor=scale, shift_factor=shift,
+                        step=task.loop.state["step"], shards=config.shards)
+    write_text_atomic(path / "prior.json", json.dumps(info, indent=2))  # after: the pipeline replaces `path` whole
 
 
 __all__ = ["DiffusionPriorTask", "build_unet", "export_diffusion_prior"]

@@ -14,6 +14,7 @@ from ..distributed import all_reduce_, world_size
 from ..images import make_grid, save_image_atomic
 from ..run_checks import check_batch_fills
 from ..shards import load_manifest
+from ..shards.model_ref import ModelMismatchError, resolve_model
 from ..training.loop import Task, TrainingLoop
 
 
@@ -32,6 +33,23 @@ def load_shards_manifest(shards: str, *, kinds: tuple[str, ...], needs: str, lab
     if labels and "label" not in manifest["fields"]:
         raise ConfigError(f"{labels} is set but {shards} stores no labels")
     return manifest
+
+
+def shard_model_dir(shards: str, explicit: str | None, *, key: str, what: str, manifest: dict) -> Path:
+    """The model the shards were encoded with: `explicit` (the `key` setting) if given, else the one `index.json`
+    records (by a path relative to the shard directory, then the absolute path), its weights hash checked.
+
+    Raises:
+        `ConfigError`: naming `key`: no `what` at the path, or a moved / changed model (`resolve_model`'s message).
+    """
+    from ..models.loading import checkpoint_model_dir
+
+    if explicit is not None and not (checkpoint_model_dir(Path(explicit).expanduser()) / "config.json").is_file():
+        raise ConfigError(f"{key}: no {what} at {explicit!r} (set {key}=DIR)")
+    try:
+        return resolve_model(shards, explicit, manifest=manifest)
+    except ModelMismatchError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def shard_loader(dataset, loop: TrainingLoop, *, batch_size: int, num_workers: int) -> DataLoader:
@@ -87,4 +105,5 @@ class PriorTask(Task):
         return {"loss": self.mean_loss, "it_per_s": it_per_s, "lr": self.optimizers[0][0].param_groups[0]["lr"]}
 
 
-__all__ = ["PriorTask", "already_finished", "load_shards_manifest", "save_sample_grid", "shard_loader"]
+__all__ = ["PriorTask", "already_finished", "load_shards_manifest", "save_sample_grid", "shard_loader",
+           "shard_model_dir"]

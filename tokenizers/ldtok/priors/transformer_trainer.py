@@ -11,22 +11,14 @@ from accelerate.utils import set_seed
 from safetensors.torch import save
 from torch.utils.data import DataLoader
 
+from ..atomic import write_bytes_atomic
 from ..ema import ModelEMA
 from ..models import save_pretrained_atomic
-from ..shards.manifest import atomic_write_bytes
 from ..training.loop import TrainingLoop
 from .config import PriorTransformerConfig
 from .layout import CodeLayout
 from .task import PriorTask
 from .transformer import GPT
-
-
-def decode_codes(tokenizer, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Images `(B, 3, H, W)` in [-1, 1] of code maps `{field: (B, h, w) or (B, S, h, w)}` (a `load_tokenizer`
-    model)."""
-    if tokenizer.kind == "vq":
-        return tokenizer.decode_indices(codes["indices"])
-    return tokenizer.decode_indices(codes["indices_top"], codes["indices_bottom"])
 
 
 class TransformerPriorTask(PriorTask):
@@ -85,7 +77,7 @@ class TransformerPriorTask(PriorTask):
 
 def save_codes(codes: dict[str, torch.Tensor], path: Path) -> Path:
     """The sampled codes (and labels) as one safetensors file, written atomically."""
-    atomic_write_bytes(path, save({name: c.cpu().contiguous() for name, c in codes.items()}))
+    write_bytes_atomic(path, save({name: c.cpu().contiguous() for name, c in codes.items()}))
     return path
 
 
@@ -95,8 +87,8 @@ def decode_samples(tokenizer, codes: dict[str, torch.Tensor], *, device: torch.d
     tokenizer.to(device)
     codes = {k: v for k, v in codes.items() if k != "label"}
     N = next(iter(codes.values())).shape[0]
-    return torch.cat([decode_codes(tokenizer, {k: v[i : i + 16] for k, v in codes.items()}).float()
+    return torch.cat([tokenizer.decode_fields({k: v[i : i + 16] for k, v in codes.items()}).float()
                       for i in range(0, N, 16)])
 
 
-__all__ = ["TransformerPriorTask", "decode_codes", "decode_samples", "save_codes"]
+__all__ = ["TransformerPriorTask", "decode_samples", "save_codes"]
