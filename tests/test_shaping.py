@@ -149,3 +149,26 @@ def test_decoder_only_training_keeps_encoder_weights_and_latents_bit_identical(k
     assert all(torch.equal(b, before_buffers[n]) for n, b in model.named_buffers() if "decoder" not in n)
     model.eval()
     assert all(torch.equal(a, b) for a, b in zip(_latent_space(model(x)), before_latents, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["kl", "vqgan", "vqvae2"])
+def test_forward_with_shaping_decodes_noisy_and_transformed_latents(kind):
+    from ldtok.shaping.options import LatentShaping
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(type=kind, **TINY)).eval()  # eval: KL uses the mean, no codebook update
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = model(x)
+    assert plain.equivariant_sample is None
+    same = model(x, shaping=LatentShaping())
+    assert torch.equal(same.sample, plain.sample) and same.equivariant_sample is None
+    noisy = model(x, shaping=LatentShaping(noise_gamma=0.5, generator=step_generator(0, 0, 0, 0)))
+    assert not torch.allclose(noisy.sample, plain.sample)
+    for transform, size in ((SpatialTransform(rotate=1), 32), (SpatialTransform(scale=0.5), 16)):
+        out = model(x, shaping=LatentShaping(transform=transform))
+        assert torch.equal(out.sample, plain.sample)  # the reconstruction itself is unchanged
+        assert out.equivariant_sample.shape == (2, 3, size, size)
+    # rotating a latent and decoding it is not the same as rotating the decoded image (the decoder is not
+    # equivariant before training): the term has something to learn
+    out = model(x, shaping=LatentShaping(transform=SpatialTransform(rotate=1)))
+    assert not torch.allclose(out.equivariant_sample, SpatialTransform(rotate=1).apply(plain.sample), atol=1e-3)
