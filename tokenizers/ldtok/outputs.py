@@ -64,6 +64,8 @@ class AutoencoderOutput:
             Frobenius norm, computed in the (wrapped) forward when the model was built with contractive samples.
         kl_maps (`dict[str, Tensor]`, *optional*): hierarchical VAEs: level name -> KL map `(B, C_l, h_l, w_l)` in
             nats of that level's posterior against its (possibly conditional) prior; used instead of `posterior`.
+        equivariant_sample (`Tensor` of shape `(B, C, H', W')`, *optional*): the decoding of `T(z)` when the forward
+            was given a `LatentShaping` with a transform (EQ-VAE); compared with `T(x)` by the loss.
     """
 
     sample: Tensor
@@ -73,3 +75,4 @@ class AutoencoderOutput:
     logits: Tensor | None = None
     contractive: Tensor | None = None
     kl_maps: dict[str, Tensor] | None = None
+    equivariant_sample: Tensor | None = None

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..outputs import AutoencoderOutput
 from ..regularizers import jacobian_frobenius_sq
+from ..shaping.options import LatentShaping, shaped, wants_equivariance
 from .base import GaussianTokenizer
 from .config import ModelConfig
 from .export import config_sha256, save_pretrained_atomic
@@ -70,7 +71,9 @@ class KLAutoencoder(nn.Module, GaussianTokenizer):
         """`f`: latents are `(H/f, W/f)`; image sides must be multiples of it."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def forward(self, x: Tensor) -> AutoencoderOutput:
+    def forward(self, x: Tensor, *, shaping: LatentShaping | None = None) -> AutoencoderOutput:
+        """Reconstruct `x` `(B, C, H, W)`; `shaping` (training options) adds latent noise before the decoder and/or
+        the decoding of a transformed latent (`equivariant_sample`)."""
         check_image_size(*x.shape[-2:], self.downsample_factor)
         contract = self.contractive_samples > 0 and self.training and torch.is_grad_enabled()
         if contract:
@@ -78,9 +81,11 @@ class KLAutoencoder(nn.Module, GaussianTokenizer):
         posterior = self.vae.encode(x).latent_dist
         contractive = jacobian_frobenius_sq(posterior.mean, x, samples=self.contractive_samples) if contract else None
         z = posterior.sample() if self.training and not self.deterministic else posterior.mode()  # (B, C, h, w)
-        x_rec, logits = self._decode_for_training(z)  # (B, C_img, H, W)
+        x_rec, logits = self._decode_for_training(shaped(shaping, z))  # (B, C_img, H, W)
+        equivariant = self._decode_for_training(shaping.transform.apply(z))[0] if wants_equivariance(shaping) else None
         return AutoencoderOutput(sample=x_rec, posterior=None if self.deterministic else posterior,
-                                 latents=posterior.mean, logits=logits, contractive=contractive)
+                                 latents=posterior.mean, logits=logits, contractive=contractive,
+                                 equivariant_sample=equivariant)
 
     def _decode_for_training(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """`(image, logits or None)`; families whose decoder outputs logits override it."""

@@ -46,6 +46,7 @@ from ..config import ConfigError
 from ..outputs import AutoencoderOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer, build_quantizer
 from ..quantizers.state import check_quantizer_matches, load_codebook_, quantizer_metrics, quantizers_eval
+from ..shaping.options import LatentShaping, shaped, wants_equivariance
 from .base import CodeTokenizer
 from .blocks import enable_gradient_checkpointing
 from .config import ModelConfig
@@ -181,10 +182,16 @@ class VQGAN(nn.Module, CodeTokenizer):
         """`f`: codes are `(H/f, W/f)`; image sides must be multiples of it."""
         return 2 ** (len(self.vqmodel.config.block_out_channels) - 1)
 
-    def forward(self, x: Tensor) -> AutoencoderOutput:
+    def forward(self, x: Tensor, *, shaping: LatentShaping | None = None) -> AutoencoderOutput:
+        """Reconstruct `x`; `shaping` (training options) adds noise to the quantized latent before the decoder and/or
+        decodes a transformed one (`equivariant_sample`)."""
         check_image_size(*x.shape[-2:], self.downsample_factor)
         quant = self.quantizer(self.encode_latents(x))  # quantized: (B, D, H/f, W/f)
-        return AutoencoderOutput(sample=self.decode_codes(quant.quantized), posterior=None, quant=quant)
+        sample = self.decode_codes(shaped(shaping, quant.quantized))
+        equivariant = None
+        if wants_equivariance(shaping):
+            equivariant = self.decode_codes(shaping.transform.apply(quant.quantized))  # (B, 3, H', W')
+        return AutoencoderOutput(sample=sample, posterior=None, quant=quant, equivariant_sample=equivariant)
 
     @torch.no_grad()
     def encode_to_indices(self, images: Tensor) -> Tensor:

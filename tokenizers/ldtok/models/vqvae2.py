@@ -41,6 +41,7 @@ from ..config import ConfigError
 from ..outputs import AutoencoderOutput, QuantizerOutput
 from ..quantizers import QuantizerConfig, VectorQuantizer
 from ..quantizers.state import check_quantizer_matches, quantizer_metrics, quantizers_eval
+from ..shaping.options import LatentShaping, shaped, wants_equivariance
 from .base import CodeTokenizer
 from .blocks import enable_gradient_checkpointing
 from .config import ModelConfig
@@ -192,12 +193,21 @@ class VQVAE2(ModelMixin, ConfigMixin):
             quant_top, quant_bottom = self.quantize_features(h)
         return self.decode_codes(quant_top.quantized, quant_bottom.quantized)
 
-    def forward(self, x: Tensor) -> AutoencoderOutput:
-        """Reconstruct `x` `(B, 3, H, W)`; `quant` is `[top, bottom]` quantizer outputs."""
+    def forward(self, x: Tensor, *, shaping: LatentShaping | None = None) -> AutoencoderOutput:
+        """Reconstruct `x` `(B, 3, H, W)`; `quant` is `[top, bottom]` quantizer outputs. `shaping` (training
+        options) adds noise to both levels before the decoder and/or decodes both levels transformed."""
         self._check_size(x)
         quant_top, quant_bottom = self.quantize_features(self.encoder(x))  # h: (B, C, H/f, W/f)
-        x_rec = self.decode_codes(quant_top.quantized, quant_bottom.quantized)
-        return AutoencoderOutput(sample=x_rec, posterior=None, quant=[quant_top, quant_bottom])
+        top, bottom = quant_top.quantized, quant_bottom.quantized
+        x_rec = self.decode_codes(shaped(shaping, top), shaped(shaping, bottom))
+        equivariant = None
+        if wants_equivariance(shaping):
+            t_top = shaping.transform.apply(top)  # (B, D_t, h', w')
+            # the bottom grid stays twice the top grid, whatever the rounding of the scale
+            t_bottom = shaping.transform.apply(bottom, size=(2 * t_top.shape[-2], 2 * t_top.shape[-1]))
+            equivariant = self.decode_codes(t_top, t_bottom)
+        return AutoencoderOutput(sample=x_rec, posterior=None, quant=[quant_top, quant_bottom],
+                                 equivariant_sample=equivariant)
 
     @torch.no_grad()
     def encode_to_indices(self, images: Tensor) -> VQVAE2Indices:
@@ -317,8 +327,8 @@ class VQVAE2Autoencoder(nn.Module, CodeTokenizer):
     def codebook_metrics(self) -> dict[str, float]:
         return self.vqvae2.codebook_metrics()
 
-    def forward(self, x: Tensor) -> AutoencoderOutput:
-        return self.vqvae2(x)
+    def forward(self, x: Tensor, *, shaping: LatentShaping | None = None) -> AutoencoderOutput:
+        return self.vqvae2(x, shaping=shaping)
 
     def encode_to_indices(self, images: Tensor) -> VQVAE2Indices:
         return self.vqvae2.encode_to_indices(images)
