@@ -21,7 +21,7 @@ from ldtok.config import ConfigError, parse_args, write_text_atomic
 from ldtok.errors import run_cli
 from ldtok.priors import PriorDiffusionConfig
 from ldtok.priors.diffusion_trainer import DiffusionPriorTask, export_diffusion_prior, validation_loss
-from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir
+from ldtok.priors.task import load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir, train_to_end
 from ldtok.shards import LatentShardDataset
 from ldtok.training import TrainingLoop
 
@@ -47,12 +47,9 @@ def main() -> None:
     latent_shape = tuple(manifest["fields"]["mean"]["shape"])  # (C, h, w)
     loader = shard_loader(dataset, loop, batch_size=tc.batch_size, num_workers=tc.num_workers)
     task = DiffusionPriorTask(loop, config, latent_shape=latent_shape, loader=loader)
-    loop.resume(task)
-    if already_finished(loop):
+    if not train_to_end(loop, task):
         return
-    loop.fit(task, task.loader)
     out = loop.out
-    loop.check_final(task, out / "final")
 
     # Export, sample N latents, unnormalize, decode, grid.
     if loop.is_main:
