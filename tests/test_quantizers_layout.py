@@ -11,9 +11,10 @@ from ldtok.config import ConfigError
 from ldtok.priors import GPT, CodeLayout
 
 
-def manifest(shape: list[int], codebook_size: int) -> dict:
+def manifest(shape: list[int], codebook_size: int, *, stages: int | None = None) -> dict:
+    names = ["indices"] if stages is None else [f"indices_stage{s}" for s in range(stages)]
     return {"kind": "vq", "codebook_size": codebook_size,
-            "fields": {"indices": {"dtype": "int32", "shape": shape, "description": ""}}}
+            "fields": {name: {"dtype": "int32", "shape": shape, "description": ""} for name in names}}
 
 
 def test_lfq_18_bit_codes_split_into_two_512_way_tokens_and_back():
@@ -32,19 +33,21 @@ def test_lfq_18_bit_codes_split_into_two_512_way_tokens_and_back():
 
 
 def test_residual_stages_are_extra_tokens_with_their_own_ranges():
-    layout = CodeLayout.from_manifest(manifest([3, 2, 2], 16))  # (S, h, w)
+    layout = CodeLayout.from_manifest(manifest([2, 2], 16, stages=3))  # indices_stage0 .. 2, (h, w) each
     assert layout.length == 3 * 2 * 2 and layout.vocab_size == 3 * 16
-    codes = torch.randint(0, 16, (2, 3, 2, 2), generator=torch.Generator().manual_seed(1))
-    tokens = layout.pack({"indices": codes})
+    codes = torch.randint(0, 16, (2, 3, 2, 2), generator=torch.Generator().manual_seed(1))  # (B, S, h, w)
+    fields = {f"indices_stage{s}": codes[:, s] for s in range(3)}
+    tokens = layout.pack(fields)
     assert torch.equal(tokens[:, :3], codes[:, :, 0, 0] + torch.tensor([0, 16, 32]))  # position 0's three stages
-    assert torch.equal(layout.unpack(tokens)["indices"], codes)
+    unpacked = layout.unpack(tokens)
+    assert list(unpacked) == list(fields) and all(torch.equal(unpacked[k], v) for k, v in fields.items())
     # generation respects the stage of every position
     gpt = GPT(vocab_size=layout.vocab_size, block_size=layout.length, num_layers=1, num_heads=2, hidden_size=16)
     sampled = gpt.generate(num_samples=3, length=layout.length, allowed_tokens=layout.allowed_tokens(),
                            generator=torch.Generator().manual_seed(2))
     stage = torch.arange(layout.length) % 3
     assert ((sampled // 16) == stage).all()
-    out = layout.unpack(sampled)["indices"]
+    out = torch.stack(list(layout.unpack(sampled).values()), dim=1)
     assert out.shape == (3, 3, 2, 2) and int(out.max()) < 16
 
 
