@@ -168,6 +168,9 @@ def test_shards_of_the_earlier_residual_layout_are_refused_in_one_line(tmp_path)
         LatentShardDataset(root)
     with pytest.raises(LdtokError, match="re-encode"):
         CodeLayout.from_manifest(manifest)
+    with pytest.raises(LdtokError, match=r"re-encode") as e:  # `ldtok decode` stops before loading any model
+        ldtok(["decode", str(root), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "decoded")])
+    assert "\n" not in str(e.value) and not (tmp_path / "decoded").exists()
     # single-map kinds, Gaussian kinds and empty directories read as before
     assert stored_latent("vq", {"indices": {"shape": [4, 4]}}) is LATENT_KINDS["vq"]
     assert stored_latent("kl", None) is LATENT_KINDS["kl"] and stored_latent("vq", None) is LATENT_KINDS["vq"]

@@ -60,7 +60,8 @@ class TransformerPriorTask(PriorTask):
         save_pretrained_atomic(self.ema.model if self.ema is not None else self.raw_model, path / "transformer")
 
     def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """`num_samples` code maps `{field: (N, h, w)}` (temperature, top-k; classes cycling, as `label`)."""
+        """`num_samples` code maps `{field: (N, h, w)}`, the shards' fields (residual VQ: one per stage; temperature,
+        top-k; classes cycling, as `label`)."""
         config, device = self.config, self.loop.accelerator.device
         generator = torch.Generator(device).manual_seed(config.train.seed)
         labels = torch.arange(num_samples, device=device) % config.model.num_classes if self.conditional else None
