@@ -104,3 +104,13 @@ def test_quantizer_trains_resumes_exports_encodes_decodes_and_feeds_the_prior(tm
     layout = json.loads((prior / "final" / "prior.json").read_text())["layout"]["levels"][0]
     tokens_per_position = (2 if name == "residual" else 1) * (2 if "code_groups=2" in prior_overrides else 1)
     assert layout["stages"] * layout["groups"] == tokens_per_position
+    if name == "residual":  # the stages as summed embeddings: one step per position, every stage sampled in range
+        summed = tmp_path / "prior-summed"
+        launch(f"shards={shards}", f"output_dir={summed}", *TINY_GPT, "residual_stages=summed",
+               script="train/prior_transformer.py", config="configs/prior-transformer-demo.yaml", tiny=False)
+        gpt = json.loads((summed / "final" / "transformer" / "config.json").read_text())
+        assert gpt["tokens_per_step"] == 2 and gpt["block_size"] == expected[0] * expected[1]
+        summary = json.loads((summed / "summary.json").read_text())
+        codes = load_file(summary["codes"])
+        assert all(list(codes[n].shape[1:]) == expected and int(codes[n].max()) < tok.codebook_sizes[0] for n in names)
+        assert (summed / "samples.png").is_file()

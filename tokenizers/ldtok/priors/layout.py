@@ -146,6 +146,21 @@ class CodeLayout:
         """Tokens per sequence."""
         return sum(lv.length for lv in self.levels)
 
+    def tokens_per_step(self, residual_stages: str) -> int:
+        """Tokens a prior step takes (`GPT.tokens_per_step`): 1 for `residual_stages="tokens"` (stages and digits as
+        extra tokens); a position's stages and digits for `"summed"` (every level must have the same number).
+
+        Raises:
+            `ConfigError`: `"summed"` for levels of different tokens per position (VQ-VAE-2's levels are one each).
+        """
+        if residual_stages == "tokens":
+            return 1
+        counts = {lv.tokens_per_position for lv in self.levels}
+        if len(counts) != 1:
+            raise ConfigError(f"residual_stages: summed needs the same tokens per position in every level, got "
+                              f"{ {lv.name: lv.tokens_per_position for lv in self.levels} } (use tokens)")
+        return counts.pop()
+
     @property
     def vocab_size(self) -> int:
         return max(lv.offset + lv.vocab_span for lv in self.levels)
