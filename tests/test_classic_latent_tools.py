@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from ldtok.data import DataConfig, build_dataset
 from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+from ldtok.evaluation.report import write_report
 from ldtok.latent_tools import (
     anomaly_scores,
     labels_from_folders,
@@ -21,7 +22,6 @@ from ldtok.latent_tools import (
 from ldtok.latent_tools.traversal import rank_channels
 from ldtok.losses import LossConfig, build_loss
 from ldtok.models import ModelConfig, build_model
-from ldtok.report import write_report
 from ldtok.training import AutoencoderStep
 
 NO_NETS = dict(perceptual=[], fid="off", progress=False)

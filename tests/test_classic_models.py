@@ -7,7 +7,7 @@ import torch
 
 from ldtok.config import ConfigError
 from ldtok.data import DataConfig, build_dataset, collate
-from ldtok.digits_dataset import digits_split_indices
+from ldtok.data.digits_dataset import digits_split_indices
 from ldtok.losses import LossConfig, build_discriminator, build_loss
 from ldtok.models import ModelConfig, build_model, load_tokenizer
 from ldtok.models.vae2 import VAE2, gaussian_kl_map
@@ -186,8 +186,13 @@ def test_hf_greyscale_dataset_with_one_channel(tmp_path):
 
 
 def test_channels_must_be_1_or_3():
-    with pytest.raises(ConfigError, match="data.channels"):
+    from ldtok.config import load_config
+    from ldtok.training import RunConfig
+
+    with pytest.raises(ConfigError, match=r"^channels: .*must be 1 \(greyscale\) or 3"):
         DataConfig(channels=4)
+    with pytest.raises(ConfigError, match=r"^data\.channels: "):  # from a config, the full dotted key
+        load_config(RunConfig, None, ["data.channels=4"])
 
 
 def test_data_and_model_channels_must_agree():

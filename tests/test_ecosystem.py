@@ -143,7 +143,7 @@ def _ids(dataset) -> list[str]:
 
 
 def test_a_folder_without_splits_holds_out_val_fraction_disjoint_from_training(tmp_path):
-    from ldtok.splits import plan_validation
+    from ldtok.data.splits import plan_validation
 
     data = DataConfig(source="folder", path=str(_folder(tmp_path / "imgs", 40)), resolution=16, val_fraction=0.2)
     plan = plan_validation(data)
@@ -162,7 +162,7 @@ def test_a_folder_without_splits_holds_out_val_fraction_disjoint_from_training(t
 
 
 def test_the_datasets_own_validation_split_is_used_when_it_has_one(tmp_path):
-    from ldtok.splits import plan_validation
+    from ldtok.data.splits import plan_validation
 
     for split in ("train", "validation"):
         _folder(tmp_path / "ds" / split, 4)

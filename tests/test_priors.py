@@ -222,7 +222,8 @@ TINY_UNET = ["unet.block_out_channels=[32, 32]", "unet.attention=[false, true]",
 def test_prior_diffusion_trains_samples_decodes_and_exports(shards, tmp_path):
     out = tmp_path / "diffusion"
     result = launch("prior_diffusion.py", "prior-diffusion-demo.yaml", f"shards={shards['kl']}", f"output_dir={out}",
-                    *TINY_UNET, "unet.num_classes=4", "train.max_steps=40", "train.log_every=10")
+                    *TINY_UNET, "unet.num_classes=4", "train.max_steps=40", "train.log_every=10",
+                    f"val_shards={shards['kl']}", "val_timesteps=3")
     entries = logged(out)
     assert [e["step"] for e in entries] == [10, 20, 30, 40]
     losses = [e["loss"] for e in entries]
@@ -230,6 +231,8 @@ def test_prior_diffusion_trains_samples_decodes_and_exports(shards, tmp_path):
     assert all(e["it_per_s"] > 0 for e in entries)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_loss"] == pytest.approx(losses[-1]) and "final loss" in result.stdout
+    # the held-out denoising loss: at fixed timesteps and noise, in the range of the training loss
+    assert 0 < summary["val_loss"] < 2 * losses[0] and "validation denoising loss" in result.stdout
     assert Image.open(summary["samples"]).size == grid_size(6, 4)  # 6 decoded 32 px samples, 4 per row
     unet, info = UNet2DModel.from_pretrained(out / "final" / "unet", output_loading_info=True)
     assert all(not v for v in info.values()), info
@@ -345,6 +348,7 @@ def test_scripts_reject_wrong_shards_labels_and_decoders_before_building_anythin
         ("prior_diffusion", [f"shards={shards['vq']}"], "needs KL latents"),
         ("prior_transformer", [f"shards={shards['vq']}", "model.num_classes=3"], "stores no labels"),
         ("prior_diffusion", [f"shards={shards['kl']}", f"vae={tmp_path}"], "no diffusers AutoencoderKL directory"),
+        ("prior_diffusion", [f"shards={shards['kl']}", f"val_shards={shards['vq']}"], "val_shards must be KL latents"),
         ("prior_transformer", [f"shards={tmp_path}"], "index.json"),
         ("prior_transformer", [f"shards={shards['vq']}", "train.bogus=1"], "unknown config key 'train.bogus'"),
         ("prior_transformer", [f"shards={shards['vq']}", f"tokenizer={shards['vqvae2'].parent / 'vqvae2'}"],

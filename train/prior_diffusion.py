@@ -17,11 +17,11 @@ import json
 import torch
 from diffusers import AutoencoderKL
 
-from ldtok.config import parse_args, write_text_atomic
+from ldtok.config import ConfigError, parse_args, write_text_atomic
 from ldtok.errors import run_cli
 from ldtok.priors import PriorDiffusionConfig
-from ldtok.priors.diffusion_trainer import DiffusionPriorTask, export_diffusion_prior
-from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir
+from ldtok.priors.diffusion_trainer import DiffusionPriorTask, export_diffusion_prior, validation_loss
+from ldtok.priors.task import load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir, train_to_end
 from ldtok.shards import LatentShardDataset
 from ldtok.training import TrainingLoop
 
@@ -33,6 +33,11 @@ def main() -> None:
                                     needs="this script needs KL latents (train/prior_transformer.py models VQ codes)")
     vae_dir = str(shard_model_dir(config.shards, config.vae, key="vae", what="diffusers AutoencoderKL directory",
                                   manifest=manifest))
+    if config.val_shards:  # held-out latents of the same model, checked now rather than after training
+        val = load_shards_manifest(config.val_shards, kinds=("kl",), labels=None, needs="val_shards must be KL latents")
+        if val["metadata"].get("model_sha256") != manifest["metadata"].get("model_sha256"):
+            raise ConfigError(f"val_shards: {config.val_shards} was encoded by another model than {config.shards} "
+                              "(model_sha256 differs): encode the validation images with the same model")
     tc = config.train
     loop = TrainingLoop(tc, output_dir=config.output_dir, config=config, resume=config.resume)
     # the VAE that decodes samples, loaded now so a bad one fails before training, not after it
@@ -42,12 +47,9 @@ def main() -> None:
     latent_shape = tuple(manifest["fields"]["mean"]["shape"])  # (C, h, w)
     loader = shard_loader(dataset, loop, batch_size=tc.batch_size, num_workers=tc.num_workers)
     task = DiffusionPriorTask(loop, config, latent_shape=latent_shape, loader=loader)
-    loop.resume(task)
-    if already_finished(loop):
+    if not train_to_end(loop, task):
         return
-    loop.fit(task, task.loader)
     out = loop.out
-    loop.check_final(task, out / "final")
 
     # Export, sample N latents, unnormalize, decode, grid.
     if loop.is_main:
@@ -64,6 +66,10 @@ def main() -> None:
         grid = save_sample_grid(images, columns=config.grid_columns, path=out / "samples.png")
         summary = {"steps": loop.state["step"], "final_loss": task.mean_loss, "samples": str(grid),
                    "unet": str(out / "final" / "unet"), "sample_std": sample_std}
+        if config.val_shards:
+            summary["val_loss"] = validation_loss(task, config.val_shards, scale=scale, shift=shift,
+                                                  timesteps=config.val_timesteps)
+            print(f"validation denoising loss {summary['val_loss']:.4f} on {config.val_shards}")
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         print(f"final loss {task.mean_loss:.4f} after {loop.state['step']} steps; UNet: {out / 'final' / 'unet'}")
         print(f"{N} samples ({config.sampler}, {config.num_inference_steps} steps) decoded by {vae_dir}: {grid}")

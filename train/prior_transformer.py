@@ -19,7 +19,7 @@ from ldtok.config import ConfigError, parse_args, write_text_atomic
 from ldtok.errors import run_cli
 from ldtok.models import load_tokenizer, save_pretrained_atomic
 from ldtok.priors import CodeLayout, PriorTransformerConfig
-from ldtok.priors.task import already_finished, load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir
+from ldtok.priors.task import load_shards_manifest, save_sample_grid, shard_loader, shard_model_dir, train_to_end
 from ldtok.priors.transformer_trainer import TransformerPriorTask, decode_samples, save_codes
 from ldtok.shards import LatentShardDataset
 from ldtok.training import TrainingLoop
@@ -51,12 +51,9 @@ def main() -> None:
     task = TransformerPriorTask(loop, config, layout=layout, loader=loader)
     logger.info("%d sequences of %d tokens, vocabulary %d, GPT with %.2fM parameters", len(dataset), layout.length,
                 layout.vocab_size, sum(p.numel() for p in task.raw_model.parameters()) / 1e6)
-    loop.resume(task)
-    if already_finished(loop):
+    if not train_to_end(loop, task):
         return
-    loop.fit(task, task.loader)
     out = loop.out
-    loop.check_final(task, out / "final")
 
     # Export, sample N sequences, decode, grid.
     if loop.is_main:

@@ -23,6 +23,7 @@ _API: dict[str, str] = {
     "VQVAE2": "ldtok.models.vqvae2",
     "VQVAE2Autoencoder": "ldtok.models.vqvae2",
     "ModelConfig": "ldtok.models.config",
+    "Tokenizer": "ldtok.models.base",
     "build_model": "ldtok.models",
     # training
     "train": "ldtok.training",
@@ -36,6 +37,12 @@ _API: dict[str, str] = {
     "DataConfig": "ldtok.data",
     "build_dataset": "ldtok.data",
     "collate": "ldtok.data",
+    # encoding datasets into latent shards, priors
+    "encode_dataset": "ldtok.encoding",
+    "EncodeConfig": "ldtok.encoding",
+    "EncodeResult": "ldtok.encoding",
+    "LatentShardDataset": "ldtok.shards",
+    "LatentPriorPipeline": "ldtok.priors.pipeline",
     # evaluation, sharing
     "evaluate_tokenizer": "ldtok.evaluation",
     "EvalOptions": "ldtok.evaluation",

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ..images import make_grid
-from ..models.vqgan import quantizers_eval
 from ..outputs import AutoencoderOutput
 from .options import EvalOptions
 from .result import Picture
@@ -93,9 +92,9 @@ def make_pictures(model, dataset: Dataset, *, options: EvalOptions, device, auto
 
 
 def _is_kl(model) -> bool:
-    """Whether `model` is a KL autoencoder (posterior-mean interpolation, prior samples). The one switch on the
-    model's kind in this package: it goes once `ldtok.models.base`'s Tokenizer interface says it."""
-    return getattr(model, "kind", None) == "kl"
+    """Whether `model`'s latent is a Gaussian posterior (posterior-mean interpolation, prior samples): the Tokenizer
+    interface says it (`ldtok.models.base`); a plain module that does not implement it has none."""
+    return bool(getattr(model, "has_gaussian_latent", False))
 
 
 def _decoded(out) -> Tensor:
@@ -126,18 +125,11 @@ def vq_interpolation(model: nn.Module):
         return next((m for m in model.modules() if isinstance(m, cls)), None)
 
     if (vq := find(VQGAN)) is not None:
-        def decode(z):
-            with quantizers_eval(vq.quantizer):
-                return vq.decode_codes(vq.quantizer(z).quantized)
-
-        return vq.encode_latents, decode, VQ_INTERPOLATION
+        return vq.encode_latents, vq.reconstruct_from_latents, VQ_INTERPOLATION
     if (v2 := find(VQVAE2)) is not None:
-        def decode_v2(h):
-            return _vqvae2_decode_features(v2, h)
-
         how = ("bottom encoder features interpolated linearly, then both levels re-quantized from them (as in "
                "forward: top code, then the bottom code conditioned on it) and decoded")
-        return v2.encoder, decode_v2, how
+        return v2.encoder, v2.reconstruct_from_features, how
     if (dq := find(VQModel)) is not None:
         # diffusers' decode() quantizes its input unless force_not_quantize
         return (lambda x: dq.encode(x).latents), (lambda z: dq.decode(z).sample), VQ_INTERPOLATION
@@ -149,12 +141,3 @@ def _interp_picture(x: Tensor, rows: list[Tensor], ids: list[str], how: str) -> 
     names = ", ".join(f"{ids[2 * k]} -> {ids[2 * k + 1]}" for k in range(len(rows)))
     caption = f"each row: original, {rows[0].shape[0]} decodings of {how}, original ({names})"
     return Picture(make_grid(grid_rows), caption)
-
-
-def _vqvae2_decode_features(v2, h: Tensor) -> Tensor:
-    """VQ-VAE-2's top -> bottom chain from bottom-encoder features `h`: quantize the top level, then the bottom one
-    conditioned on it (as `forward` does), and decode both. A copy of the model's chain: it becomes one call once
-    `VQVAE2` has a single chain method."""
-    with quantizers_eval(v2.quantize_top, v2.quantize_bottom):
-        top = v2.quantize_top(v2.quant_conv_top(v2.encoder_top(h))).quantized
-        return v2.decode_codes(top, v2.quantize_bottom(v2.bottom_input(h, top)).quantized)

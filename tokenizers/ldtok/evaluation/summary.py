@@ -22,7 +22,7 @@ def _summarize(model, gathered, options, *, nets, not_run, features, fid_reason)
     kl_metrics, kl_c, collapsed = _kl_metrics(model, gathered, options.collapse_threshold)
     metrics += [fid_metric, *codebook_metrics, *_colour_metrics(gathered), *kl_metrics]
     return EvalResult(
-        kind=getattr(model, "kind", "autoencoder"), num_images=len(ids), skipped=gathered.ids("skipped"),
+        kind=getattr(model, "latent_kind", "autoencoder"), num_images=len(ids), skipped=gathered.ids("skipped"),
         num_processes=gathered.num_processes, metrics=metrics, per_image=_per_image_rows(gathered, ids, nets),
         kl_per_channel=kl_c, collapsed_channels=collapsed, codebook=codebook, feature_net=feature_info,
         duplicates=gathered.duplicates, chroma_histogram=gathered.colour().chroma_hist.tolist(),

@@ -254,5 +254,4 @@ class VQGAN(nn.Module, CodeTokenizer):
         return config_sha256({**self.vqmodel.config, "quantizer": dataclasses.asdict(self.quantizer_config)})
 
 
-# `quantizers_eval` is re-exported for ldtok.evaluation (it moved to ldtok.quantizers.state)
-__all__ = ["VQGAN", "build_vqmodel", "indices_from_diffusers_vqmodel", "quantizers_eval"]
+__all__ = ["VQGAN", "build_vqmodel", "indices_from_diffusers_vqmodel"]

@@ -105,6 +105,10 @@ class PriorDiffusionConfig:
         shards (`str`): a KL latent-shard directory (with `index.json`).
         vae (`str`, *optional*): the diffusers `AutoencoderKL` directory that decodes samples; defaults to the
             manifest's `model.path` (the model the shards were encoded with).
+        val_shards (`str`, *optional*): KL shards of held-out images (encoded by the same model): at the end, the
+            final (EMA) UNet's denoising loss on them (`val_loss` in `summary.json`) at fixed timesteps and noise, with
+            the training shards' latent scaling, so runs on different tokenizers compare on equal terms.
+        val_timesteps (`int`): timesteps per validation latent, evenly spaced over the noise schedule.
         output_dir (`str`): metrics, samples, checkpoints and `final/`.
         resume (`str`, *optional*): `latest` or a checkpoint path (needs `train.checkpoint_every > 0`).
         sample_posterior (`bool`): train on a fresh posterior sample `mean + std * eps` at every access (else the
@@ -118,6 +122,8 @@ class PriorDiffusionConfig:
 
     shards: str | None = None
     vae: str | None = None
+    val_shards: str | None = None
+    val_timesteps: int = 10
     output_dir: str = "runs/prior-diffusion"
     resume: str | None = None
     sample_posterior: bool = True
@@ -133,7 +139,7 @@ class PriorDiffusionConfig:
     def __post_init__(self):
         if not self.shards:
             raise invalid("shards", "the latent-shard directory is required (shards=PATH)")
-        for key in ("num_samples", "num_inference_steps", "grid_columns"):
+        for key in ("num_samples", "num_inference_steps", "grid_columns", "val_timesteps"):
             check_range(self, key, gt=0)
         check_choice(self, "sampler", ("ddim", "ddpm"))
 

@@ -105,6 +105,36 @@ class DiffusionPriorTask(PriorTask):
         return z
 
 
+@torch.no_grad()
+def validation_loss(task: DiffusionPriorTask, val_shards: str, *, scale: float, shift: float | None,
+                    timesteps: int, batch_size: int = 32) -> float:
+    """The final UNet's mean denoising MSE on `val_shards` (posterior means, normalized with the TRAINING shards'
+    `scale` / `shift`), each latent at `timesteps` evenly spaced timesteps with fixed noise (seed 0): a deterministic
+    number, equal for equal UNets and data, whatever the training order or the machine's RNG state."""
+    from ..shards import LatentShardDataset
+
+    dataset = LatentShardDataset(val_shards, sample_posterior=False, use_flip=False, scaling_factor=scale,
+                                 shift_factor=shift)
+    unet, sched, device = task.final_unet, task.noise_scheduler, task.loop.accelerator.device
+    T = sched.config.num_train_timesteps
+    grid = torch.linspace(0, T - 1, timesteps).round().long()  # (K,)
+    generator = torch.Generator().manual_seed(0)
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        z0 = torch.stack([it["latents"] for it in items]).float()  # (B, C, h, w)
+        labels = torch.stack([it["label"] for it in items]).to(device) if task.conditional else None
+        for t in grid:
+            noise = torch.randn(z0.shape, generator=generator)
+            tt = torch.full((z0.shape[0],), int(t), dtype=torch.long)
+            z_t = sched.add_noise(z0, noise, tt)
+            target = noise if task.config.noise.prediction_type == "epsilon" else sched.get_velocity(z0, noise, tt)
+            pred = unet(z_t.to(device), tt.to(device), class_labels=labels).sample.float().cpu()
+            total += float(((pred - target) ** 2).mean(dim=(1, 2, 3)).sum())
+            count += z0.shape[0]
+    return total / max(count, 1)
+
+
 def export_diffusion_prior(path: Path, *, task: DiffusionPriorTask, vae_dir: str, scale: float,
                            shift: float | None, info: dict) -> None:
     """The final export of a diffusion prior: `path` becomes a `LatentPriorPipeline` directory (`model_index.json`,
@@ -120,4 +150,4 @@ def export_diffusion_prior(path: Path, *, task: DiffusionPriorTask, vae_dir: str
     write_text_atomic(path / "prior.json", json.dumps(info, indent=2))  # after: the pipeline replaces `path` whole
 
 
-__all__ = ["DiffusionPriorTask", "build_unet", "export_diffusion_prior"]
+__all__ = ["DiffusionPriorTask", "build_unet", "export_diffusion_prior", "validation_loss"]

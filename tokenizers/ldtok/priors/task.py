@@ -71,6 +71,17 @@ def already_finished(loop: TrainingLoop) -> bool:
     return True
 
 
+def train_to_end(loop: TrainingLoop, task: Task) -> bool:
+    """Resume (if asked), train to `train.max_steps` and check `output_dir/final` can be written; `False` when the
+    run had already finished (said so; nothing to do)."""
+    loop.resume(task)
+    if already_finished(loop):
+        return False
+    loop.fit(task, task.loader)
+    loop.check_final(task, loop.out / "final")
+    return True
+
+
 def save_sample_grid(images: torch.Tensor, *, columns: int, path: Path) -> Path:
     """Images `(N, 3, H, W)` in [-1, 1] as a grid of `columns` per row, white tiles completing the last row."""
     N = images.shape[0]
@@ -106,4 +117,4 @@ class PriorTask(Task):
 
 
 __all__ = ["PriorTask", "already_finished", "load_shards_manifest", "save_sample_grid", "shard_loader",
-           "shard_model_dir"]
+           "shard_model_dir", "train_to_end"]
