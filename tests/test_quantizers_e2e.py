@@ -12,8 +12,9 @@ from launch import launch
 from safetensors.torch import load_file
 
 from ldtok.cli import main as ldtok
+from ldtok.data import DataConfig, build_dataset
 from ldtok.models import load_tokenizer
-from ldtok.shards import load_manifest
+from ldtok.shards import LatentShardDataset, load_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -68,15 +69,26 @@ def test_quantizer_trains_resumes_exports_encodes_decodes_and_feeds_the_prior(tm
     with torch.no_grad():
         torch.testing.assert_close(tok.decode_indices(indices), tok(x).sample, rtol=0, atol=1e-6)
 
-    # encode to shards (smallest integer dtype; residual: a stage axis), decode them
+    # encode to shards (smallest integer dtype; residual: one tensor per stage), read them back, decode them
     shards = tmp_path / "codes"
     assert ldtok(["encode", "--model", str(run / "final"), "--out", str(shards), "--data-source", "default",
                   "--resolution", "32", "--max-samples", "8", "--batch-size", "4", "--samples-per-shard", "8",
-                  "--no-progress"]) == 0
-    field = load_manifest(shards)["fields"]["indices"]
-    assert field["dtype"] == "uint8"
-    expected = [*([2] if name == "residual" else []), *indices.shape[-2:]]
-    assert field["shape"] == expected
+                  "--no-progress", "--autocast", "no", "--no-channels-last"]) == 0  # fp32, contiguous: as `tok`
+    names = ["indices_stage0", "indices_stage1"] if name == "residual" else ["indices"]
+    fields = load_manifest(shards)["fields"]
+    assert sorted(set(fields) - {"label"}) == names
+    expected = list(indices.shape[-2:])
+    assert all(fields[n]["dtype"] == "uint8" and fields[n]["shape"] == expected for n in names)
+    stored = LatentShardDataset(shards)[0]
+    item = build_dataset(DataConfig(source="default", resolution=32, max_samples=8, crop="center"), train=False)[0]
+    assert stored["id"] == item["id"]
+    x0 = item["pixel_values"][None]
+    codes0 = tok.encode_to_indices(x0)  # (1, h, w), or (1, S, h, w)
+    codes0 = codes0[0] if name == "residual" else codes0
+    assert all(torch.equal(stored[n], codes0[s]) for s, n in enumerate(names))
+    with torch.no_grad():
+        torch.testing.assert_close(tok.decode_fields({n: stored[n][None] for n in names}), tok(x0).sample,
+                                   rtol=0, atol=1e-6)
     decoded = tmp_path / "decoded"
     assert ldtok(["decode", str(shards), "--model", str(run / "final"), "--out", str(decoded), "--limit", "2"]) == 0
     assert len(list(decoded.glob("*.png"))) == 2
@@ -86,8 +98,19 @@ def test_quantizer_trains_resumes_exports_encodes_decodes_and_feeds_the_prior(tm
     launch(f"shards={shards}", f"output_dir={prior}", *TINY_GPT, *prior_overrides, script="train/prior_transformer.py",
            config="configs/prior-transformer-demo.yaml", tiny=False)
     summary = json.loads((prior / "summary.json").read_text())
-    codes = load_file(summary["codes"])["indices"]
-    assert list(codes.shape[1:]) == expected and int(codes.max()) < tok.codebook_sizes[0]
+    codes = load_file(summary["codes"])
+    assert sorted(set(codes) - {"label"}) == names
+    assert all(list(codes[n].shape[1:]) == expected and int(codes[n].max()) < tok.codebook_sizes[0] for n in names)
     layout = json.loads((prior / "final" / "prior.json").read_text())["layout"]["levels"][0]
     tokens_per_position = (2 if name == "residual" else 1) * (2 if "code_groups=2" in prior_overrides else 1)
     assert layout["stages"] * layout["groups"] == tokens_per_position
+    if name == "residual":  # the stages as summed embeddings: one step per position, every stage sampled in range
+        summed = tmp_path / "prior-summed"
+        launch(f"shards={shards}", f"output_dir={summed}", *TINY_GPT, "residual_stages=summed",
+               script="train/prior_transformer.py", config="configs/prior-transformer-demo.yaml", tiny=False)
+        gpt = json.loads((summed / "final" / "transformer" / "config.json").read_text())
+        assert gpt["tokens_per_step"] == 2 and gpt["block_size"] == expected[0] * expected[1]
+        summary = json.loads((summed / "summary.json").read_text())
+        codes = load_file(summary["codes"])
+        assert all(list(codes[n].shape[1:]) == expected and int(codes[n].max()) < tok.codebook_sizes[0] for n in names)
+        assert (summed / "samples.png").is_file()

@@ -122,7 +122,8 @@ def _open_writer(config: EncodeConfig, state, model, model_dir: Path, metadata: 
     try:
         writer = ShardWriter(out_dir, kind=model.latent.name, samples_per_shard=config.samples_per_shard,
                              metadata=metadata, rank=state.process_index, world_size=state.num_processes,
-                             codebook_size=codebook_size, provenance={"model_path": str(model_dir)})  # fmt: skip
+                             codebook_size=codebook_size, num_stages=model.latent.num_stages,
+                             provenance={"model_path": str(model_dir)})  # fmt: skip
     except (ValueError, RuntimeError) as e:  # other data / transforms, or a state no crash produces
         raise LdtokError(f"{e}; pass --overwrite to start afresh, or use a new --out") from None
     for problem in writer.resume_state.problems:
@@ -193,8 +194,9 @@ def _write_index(config: EncodeConfig, model, model_dir: Path, metadata: dict, d
     out_dir = Path(config.out)
     stats = None
     if not model.latent.gaussian:
-        stats = {"code_usage": code_usage(out_dir, world_size=world_size, fields=list(model.latent.fields),
-                                          codebook_sizes=list(model.codebook_sizes))}  # fmt: skip
+        sizes = model.field_codebook_sizes  # per stored field: residual VQ's stages each count on their own
+        stats = {"code_usage": code_usage(out_dir, world_size=world_size, fields=list(sizes),
+                                          codebook_sizes=list(sizes.values()))}  # fmt: skip
     class_name = json.loads((model_dir / "config.json").read_text()).get("_class_name")
     # the model by a path relative to the shard directory (a moved pair still resolves) and the absolute path as a hint
     model_info = {"path": str(model_dir), "relative_path": os.path.relpath(model_dir, out_dir.resolve()),

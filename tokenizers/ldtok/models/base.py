@@ -15,10 +15,15 @@ Every family implements:
 - `family`, `latent_kind` (class attributes): the two names above;
 - `latent`: the `LatentKind` (its fields; Gaussian or indices), a one-line `LdtokError` for a family without a shard
   format; `has_gaussian_latent`: `latent.gaussian`, `False` for those families (never raises);
-- `level_names`: code / latent levels (`["code"]`, `["top", "bottom"]`; `[]` for one Gaussian latent);
-- `codebook_sizes`: codes per level (`[]` for Gaussian latents);
+- `level_names`: code / latent levels, one per quantizer output (`["code"]`, `["top", "bottom"]`; `[]` for one
+  Gaussian latent; residual VQ is one level `"code"` of `index_stages` stages);
+- `codebook_sizes`: codes per level (`[]` for Gaussian latents; residual VQ: the codes of each stage's codebook);
+- `index_stages`: residual stages per code level (`None`: one index map per level); a shard then stores each level as
+  one field per stage, `indices_stage0`, `indices_stage1`, ... (`ldtok.latent_kinds`);
+- `field_codebook_sizes`: `{field: codes}` for every index field a shard stores (`{}` for Gaussian latents);
 - `shard_fields(dtype=...)`: `{field: stored torch dtype}` of what a shard stores (without the `_flip` twins);
-- `encode_fields(x, dtype=...)`: `{field: (B, ...) tensor}`: `mean` / `logvar` in `dtype`, or int64 indices per level;
+- `encode_fields(x, dtype=...)`: `{field: (B, ...) tensor}`: `mean` / `logvar` in `dtype`, or int64 `(B, h, w)`
+  indices per level (and per stage);
 - `decode_fields(fields, sample=..., generator=...)`: images `(B, C, H, W)` in [-1, 1] from those fields (Gaussian:
   the mean, or a posterior sample);
 - `last_layer`: the decoder's output weight (for the adaptive GAN weight); `downsample_factor`: what image sides must
@@ -52,8 +57,15 @@ class Tokenizer:
 
     @property
     def latent(self) -> LatentKind:
-        """What a shard of this tokenizer stores."""
-        return latent_kind(self.latent_kind)
+        """What a shard of this tokenizer stores (with `index_stages`, one field per level and stage)."""
+        kind = latent_kind(self.latent_kind)
+        stages = None if kind.gaussian else self.index_stages
+        return kind if stages is None else kind.with_stages(stages)
+
+    @property
+    def index_stages(self) -> int | None:
+        """Residual stages `S` per code level (indices `(B, S, h, w)`); `None`: one `(B, h, w)` map per level."""
+        return None
 
     @property
     def has_gaussian_latent(self) -> bool:
@@ -66,6 +78,16 @@ class Tokenizer:
     @property
     def codebook_sizes(self) -> list[int]:
         return []
+
+    @property
+    def field_codebook_sizes(self) -> dict[str, int]:
+        """`{field: codes}` of every stored index field (a level's stage fields share its codebook size)."""
+        latent = self.latent
+        if latent.gaussian:
+            return {}
+        levels = latent.fields_by_level()
+        return {field: size for fields, size in zip(levels.values(), self.codebook_sizes, strict=True)
+                for field in fields}
 
     def shard_fields(self, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.dtype]:
         """The latent fields a shard stores (without `_flip` twins) and their stored dtype (`dtype`: Gaussian)."""
@@ -80,8 +102,8 @@ class Tokenizer:
         """The shard fields of images `x` `(B, C, H, W)` in [-1, 1] (eval semantics; no codebook update).
 
         Returns:
-            Gaussian kinds: `mean`, `logvar` `(B, C_z, h, w)` in `dtype`; index kinds: one int64 `(B, h, w)` (residual
-            VQ: `(B, S, h, w)`) tensor per level, named as `latent.fields`.
+            Gaussian kinds: `mean`, `logvar` `(B, C_z, h, w)` in `dtype`; index kinds: one int64 `(B, h, w)` tensor
+            per level (residual VQ: per level and stage), named as `latent.fields`.
         """
         raise NotImplementedError
 
@@ -121,19 +143,36 @@ class GaussianTokenizer(Tokenizer):
 
 class CodeTokenizer(Tokenizer):
     """A tokenizer of code indices: implements the interface through `encode_to_indices(x)` (a tensor, or a tuple
-    of one tensor per level) and `decode_indices(*levels)`."""
+    of one tensor per level; `(B, S, h, w)` with residual stages) and `decode_indices(*levels)`."""
+
+    @property
+    def index_stages(self) -> int | None:
+        # the quantizer says: residual VQ (`ldtok.quantizers.residual`) has `num_stages`, the others one index map
+        return getattr(getattr(self, "quantizer", None), "num_stages", None)
 
     @torch.no_grad()
     def encode_fields(self, x: Tensor, *, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         levels = self.encode_to_indices(x)
         levels = tuple(levels) if isinstance(levels, tuple) else (levels,)
-        return dict(zip(self.latent.fields, levels, strict=True))
+        fields = {}
+        for names, indices in zip(self.latent.fields_by_level().values(), levels, strict=True):
+            if self.index_stages is None:
+                fields[names[0]] = indices  # (B, h, w)
+            else:  # (B, S, h, w): one (B, h, w) tensor per stage
+                assert indices.ndim == 4 and indices.shape[1] == len(names), (
+                    f"expected (B, {len(names)}, h, w) residual indices, got shape {tuple(indices.shape)}")
+                fields.update({name: indices[:, s].contiguous() for s, name in enumerate(names)})
+        return fields
 
     @torch.no_grad()
     def decode_fields(self, fields: dict[str, Tensor], *, sample: bool = False,
                       generator: torch.Generator | None = None) -> Tensor:
         device = self.last_layer.device
-        return self.decode_indices(*(fields[name].long().to(device) for name in self.latent.fields))
+        levels = []
+        for names in self.latent.fields_by_level().values():
+            maps = [fields[name].long().to(device) for name in names]  # (B, h, w) each
+            levels.append(maps[0] if self.index_stages is None else torch.stack(maps, dim=1))  # (B, S, h, w)
+        return self.decode_indices(*levels)
 
 
 class NoShardFormat(Tokenizer):

@@ -11,6 +11,8 @@ from ldtok.models.quantized import QuantizedAutoencoder
 tok = QuantizedAutoencoder.from_pretrained("runs/demo-fsq/final")
 indices = tok.encode_to_indices(images)     # (B, h, w) int64; residual VQ: (B, S, h, w)
 images = tok.decode_indices(indices)
+fields = tok.encode_fields(images)          # what `ldtok encode` stores: {"indices": (B, h, w)}, residual VQ
+                                            # {"indices_stage0": (B, h, w), ..., "indices_stage{S-1}": ...}
 ```
 
 The weights keep diffusers' `VQModel` key names under `vqmodel.` (encoder, `quant_conv`, `post_quant_conv`,
@@ -75,8 +77,13 @@ class QuantizedAutoencoder(ModelMixin, ConfigMixin, CodeTokenizer):
         return VQGAN(vqmodel=self.vqmodel, quantizer=self.vqmodel.quantize, quantizer_config=self.quantizer_config)
 
     @property
+    def quantizer(self):
+        """The quantizer module (`vqmodel.quantize`); residual VQ's `num_stages` gives `index_stages`."""
+        return self.vqmodel.quantize
+
+    @property
     def codebook_sizes(self) -> list[int]:
-        return [self.vqmodel.quantize.codebook_size]
+        return [self.quantizer.codebook_size]
 
     @property
     def last_layer(self) -> Tensor:

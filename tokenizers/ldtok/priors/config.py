@@ -191,6 +191,10 @@ class PriorTransformerConfig:
         code_groups (`int`): tokens each code is split into (its index's digits of radix `K ** (1 / code_groups)`),
             so that large implicit codebooks stay tractable: 2 for 18-bit LFQ / BSQ codes (two 512-way softmaxes).
             `K` must be a `code_groups`-th power. Residual VQ stages are extra tokens whatever this is.
+        residual_stages (`"tokens"` or `"summed"`): how a position's residual VQ stages (and `code_groups` digits) enter
+            the GPT: `tokens`, one token each, every one conditioned on the previous ones (a sequence of
+            `S * h * w` tokens); `summed`, their embeddings summed into one step that predicts all of the next
+            position's stages at once, each over its own range (RQ-Transformer's input, `h * w` steps).
     """
 
     shards: str | None = None
@@ -206,11 +210,13 @@ class PriorTransformerConfig:
     top_k: int | None = None
     grid_columns: int = 8
     code_groups: int = 1
+    residual_stages: Literal["tokens", "summed"] = "tokens"
 
     def __post_init__(self):
         if not self.shards:
             raise invalid("shards", "the code-shard directory is required (shards=PATH)")
         check_range(self, "code_groups", ge=1)
+        check_choice(self, "residual_stages", ("tokens", "summed"))
         for key in ("num_samples", "grid_columns", "temperature", "top_k"):
             check_range(self, key, gt=0)
 

@@ -7,7 +7,8 @@ softmax covers both levels and a position can only be sampled from its own range
 Two kinds of codes take several tokens per position, written one after the other (position-major, so the prior
 predicts a position's tokens in a row, each conditioned on the previous ones):
 
-- residual VQ's `(S, h, w)` indices: one token per stage (`stages`), stage `s` with its own vocabulary range;
+- residual VQ's stages (shard fields `indices_stage0` ... `indices_stage{S-1}`, `(h, w)` each): one token per stage
+  (`stages`), stage `s` with its own vocabulary range;
 - large implicit codebooks (LFQ / BSQ `2 ** 18`): with `groups=G` each code index is split into `G` digits of radix
   `K ** (1 / G)` (most significant first; the bits of LFQ split into groups of bits), each digit a token of its own
   range, so the vocabulary is `G * 512` instead of 262144 for 18 bits and `G = 2`.
@@ -23,7 +24,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..config import ConfigError
-from ..latent_kinds import LATENT_KINDS, latent_kind
+from ..latent_kinds import LATENT_KINDS, stage_field, stored_latent
 
 # level fields of the index kinds, derived from `ldtok.latent_kinds` (kept for ldtok.priors.transformer's re-export)
 KIND_LEVELS: dict[str, tuple[str, ...]] = {k.name: k.fields for k in LATENT_KINDS.values() if not k.gaussian}
@@ -34,12 +35,15 @@ class CodeLevel:
     """One code map of a tokenizer, as laid out in the token sequence.
 
     Args:
-        name (`str`): the shard field holding its indices (`"indices"`, `"indices_top"`, `"indices_bottom"`).
+        name (`str`): the shard field holding its indices (`"indices"`, `"indices_top"`, `"indices_bottom"`), or with
+            `staged` the level's name before the stage suffix.
         height (`int`), width (`int`): the code map's size.
         codebook_size (`int`): codes of this level (per stage).
         offset (`int`): vocabulary offset of the level's first token range.
-        stages (`int`, defaults to 1): residual stages; the field then holds `(S, h, w)` indices.
+        stages (`int`, defaults to 1): residual stages (`staged`).
         groups (`int`, defaults to 1): digits each code is split into; `radix ** groups == codebook_size`.
+        staged (`bool`, defaults to `False`): the codes are residual stages, one `(h, w)` map per stage in the fields
+            `{name}_stage0` ... (`fields`).
     """
 
     name: str
@@ -49,11 +53,18 @@ class CodeLevel:
     offset: int
     stages: int = 1
     groups: int = 1
+    staged: bool = False
 
     def __post_init__(self):
         assert self.radix**self.groups == self.codebook_size, (
             f"{self.name}: codebook_size {self.codebook_size} is not a {self.groups}-th power"
         )
+        assert self.staged or self.stages == 1, f"{self.name}: {self.stages} stages need staged=True"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The shard fields of this level's codes, in stage order."""
+        return tuple(stage_field(self.name, s) for s in range(self.stages)) if self.staged else (self.name,)
 
     @property
     def radix(self) -> int:
@@ -102,26 +113,30 @@ class CodeLayout:
     @classmethod
     def from_manifest(cls, manifest: dict, *, codebook_sizes: list[int] | None = None, groups: int = 1
                       ) -> CodeLayout:
-        """The layout of a VQ shard directory's `index.json` (`kind` `"vq"` or `"vqvae2"`).
+        """The layout of a VQ shard directory's `index.json` (`kind` `"vq"` or `"vqvae2"`; residual VQ's stage
+        fields become one level of `stages` tokens per position).
 
         Args:
             manifest (`dict`): as returned by `ldtok.shards.load_manifest`.
-            codebook_sizes (`list[int]`, *optional*): codes per level; defaults to the manifest's `codebook_size` for
-                every level (for VQ-VAE-2 that is the larger level's: the vocabulary then has unused tokens).
+            codebook_sizes (`list[int]`, *optional*): codes per level (`Tokenizer.codebook_sizes`; a residual level's
+                stages share one size); defaults to the manifest's `codebook_size` for every level (for VQ-VAE-2 that
+                is the larger level's: the vocabulary then has unused tokens).
             groups (`int`, defaults to 1): digits per code (`code_groups`), for large implicit codebooks.
+
+        Raises:
+            `LdtokError`: shards of the earlier residual layout (`ldtok.latent_kinds.stored_latent`).
         """
-        kind = latent_kind(manifest["kind"])
+        kind = stored_latent(manifest["kind"], manifest["fields"])
         if kind.gaussian:
             raise ValueError(f"a code layout needs shards of code indices (kind 'vq' or 'vqvae2'), got {kind.name!r}")
-        names = kind.fields
-        sizes = list(codebook_sizes) if codebook_sizes is not None else [manifest["codebook_size"]] * len(names)
-        assert len(sizes) == len(names), f"{len(names)} levels need {len(names)} codebook sizes, got {sizes}"
+        by_level = kind.fields_by_level()
+        sizes = list(codebook_sizes) if codebook_sizes is not None else [manifest["codebook_size"]] * len(by_level)
+        assert len(sizes) == len(by_level), f"{len(by_level)} levels need {len(by_level)} codebook sizes, got {sizes}"
         levels, offset = [], 0
-        for name, size in zip(names, sizes):
-            shape = manifest["fields"][name]["shape"]  # (h, w), or (S, h, w) for residual VQ
-            stages, (h, w) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
-            level = CodeLevel(name=name, height=h, width=w, codebook_size=size, offset=offset, stages=stages,
-                              groups=_groups_for(size, groups, name))
+        for (name, fields), size in zip(by_level.items(), sizes):
+            h, w = manifest["fields"][fields[0]]["shape"]  # (h, w), every stage alike
+            level = CodeLevel(name=name, height=h, width=w, codebook_size=size, offset=offset, stages=len(fields),
+                              groups=_groups_for(size, groups, name), staged=kind.num_stages is not None)
             levels.append(level)
             offset += level.vocab_span
         return cls(levels=levels)
@@ -131,16 +146,31 @@ class CodeLayout:
         """Tokens per sequence."""
         return sum(lv.length for lv in self.levels)
 
+    def tokens_per_step(self, residual_stages: str) -> int:
+        """Tokens a prior step takes (`GPT.tokens_per_step`): 1 for `residual_stages="tokens"` (stages and digits as
+        extra tokens); a position's stages and digits for `"summed"` (every level must have the same number).
+
+        Raises:
+            `ConfigError`: `"summed"` for levels of different tokens per position (VQ-VAE-2's levels are one each).
+        """
+        if residual_stages == "tokens":
+            return 1
+        counts = {lv.tokens_per_position for lv in self.levels}
+        if len(counts) != 1:
+            raise ConfigError(f"residual_stages: summed needs the same tokens per position in every level, got "
+                              f"{ {lv.name: lv.tokens_per_position for lv in self.levels} } (use tokens)")
+        return counts.pop()
+
     @property
     def vocab_size(self) -> int:
         return max(lv.offset + lv.vocab_span for lv in self.levels)
 
     def pack(self, codes: dict[str, Tensor]) -> Tensor:
-        """Token sequences `(B, length)` int64 from `codes[level.name]` `(B, h, w)` or `(B, S, h, w)`."""
+        """Token sequences `(B, length)` int64 from the code maps `codes[field]` `(B, h, w)` of every level's
+        `fields` (residual levels: one per stage)."""
         parts = []
         for lv in self.levels:
-            c = codes[lv.name].long()
-            c = c.unsqueeze(1) if c.ndim == 3 else c  # (B, S, h, w)
+            c = torch.stack([codes[name].long() for name in lv.fields], dim=1)  # (B, S, h, w)
             assert c.shape[1:] == (lv.stages, lv.height, lv.width), (
                 f"{lv.name}: codes of shape {tuple(c.shape)}, the layout has {lv.stages}x{lv.height}x{lv.width}"
             )
@@ -151,7 +181,8 @@ class CodeLayout:
         return torch.cat(parts, dim=1)
 
     def unpack(self, tokens: Tensor) -> dict[str, Tensor]:
-        """Code maps `{level.name: (B, h, w)}` (or `(B, S, h, w)` for residual levels) of sequences `(B, length)`."""
+        """Code maps `{field: (B, h, w)}` of every level's `fields` (residual levels: one per stage) of sequences
+        `(B, length)`."""
         assert tokens.shape[1] == self.length, f"sequences of {tokens.shape[1]} tokens, the layout has {self.length}"
         codes, start = {}, 0
         for lv in self.levels:
@@ -160,7 +191,7 @@ class CodeLayout:
                                h=lv.height, s=lv.stages)
             powers = lv.radix ** torch.arange(lv.groups - 1, -1, -1, device=part.device)
             c = (digits * powers).sum(dim=-1)  # (B, S, h, w)
-            codes[lv.name] = c[:, 0] if lv.stages == 1 else c
+            codes.update({name: c[:, s] for s, name in enumerate(lv.fields)})  # (B, h, w) each
             start += lv.length
         return codes
 
@@ -179,4 +210,9 @@ class CodeLayout:
 
     @classmethod
     def from_json(cls, data: dict) -> CodeLayout:
-        return cls(levels=[CodeLevel(**lv) for lv in data["levels"]])
+        """The layout `to_json` wrote. A residual level written before stages had their own fields (`stages > 1`,
+        no `staged` key) reads as staged: its token sequence is the same, its codes now go to `indices_stage{s}`."""
+        levels = [dict(lv) for lv in data["levels"]]
+        for lv in levels:
+            lv.setdefault("staged", lv.get("stages", 1) > 1)
+        return cls(levels=[CodeLevel(**lv) for lv in levels])

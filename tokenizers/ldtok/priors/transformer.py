@@ -5,6 +5,12 @@
 unconditional) followed by the codes, so the logits at position `i` are the distribution of code `i` given the label and
 codes `0 .. i-1`: train with `model(codes[:, :-1], class_labels=y).logits` against `codes`. `GPT.generate` samples
 with a key/value cache (one token per step) and optional temperature and top-k.
+
+With `tokens_per_step=t > 1` (residual VQ's stages as *summed embeddings*, RQ-Transformer's input) a step is one code
+position: its `t` tokens (one per stage / digit, each in its own vocabulary range) are embedded and summed, so the
+sequence is `t` times shorter; the logits at step `i` give every token of position `i`, each read over its own range
+(`CodeLayout.allowed_tokens`), independently of the others of that position. The default, one token per step, lays the
+stages out as extra tokens, each conditioned on the previous ones.
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ class GPT(ModelMixin, ConfigMixin):
         dropout (`float`, defaults to 0.0): dropout on embeddings, attention weights and MLP outputs.
         num_classes (`int`, defaults to 0): class-conditional when positive (the first token embeds the label);
             0: unconditional (the first token is a learned start token).
+        tokens_per_step (`int`, defaults to 1): tokens embedded (summed) per input step and predicted per output
+            step; `block_size` then counts steps (`CodeLayout.length // tokens_per_step`).
     """
 
     @register_to_config
@@ -132,9 +140,11 @@ class GPT(ModelMixin, ConfigMixin):
         hidden_size: int = 512,
         dropout: float = 0.0,
         num_classes: int = 0,
+        tokens_per_step: int = 1,
     ):
         super().__init__()
         assert num_classes >= 0, f"num_classes must be >= 0, got {num_classes}"
+        assert tokens_per_step >= 1, f"tokens_per_step must be >= 1, got {tokens_per_step}"
         self.token_embed = nn.Embedding(vocab_size, hidden_size)
         self.cond_embed = nn.Embedding(max(num_classes, 1), hidden_size)  # labels, or the single start token
         self.pos_embed = nn.Parameter(torch.zeros(1, block_size, hidden_size))
@@ -170,7 +180,8 @@ class GPT(ModelMixin, ConfigMixin):
         """Next-token logits.
 
         Args:
-            codes (`Tensor` of shape `(B, T)`, int64): tokens; may be empty (`T = 0`).
+            codes (`Tensor` of shape `(B, T)`, int64): tokens; may be empty (`T = 0`). With `tokens_per_step=t > 1`:
+                `(B, T, t)`, the `t` tokens of each step, whose embeddings are summed.
             class_labels (`Tensor` of shape `(B,)`, int64, *optional*): required iff `num_classes > 0`; read only when
                 the conditioning token is part of the input.
             cache (`KVCache`, *optional*): incremental decoding: an empty cache means the input starts with the
@@ -180,9 +191,13 @@ class GPT(ModelMixin, ConfigMixin):
             `GPTOutput` with logits `(B, T + 1, vocab_size)` when the conditioning token is prepended, else
             `(B, T, vocab_size)`.
         """
-        B = codes.shape[0]  # codes: (B, T)
+        B = codes.shape[0]  # codes: (B, T), or (B, T, t)
         past = cache.length if cache is not None else 0
-        x = self.token_embed(codes)  # (B, T, hidden)
+        t = self.config.tokens_per_step
+        assert codes.ndim == (2 if t == 1 else 3) and (t == 1 or codes.shape[2] == t), (
+            f"codes of shape {tuple(codes.shape)} for tokens_per_step={t}")
+        x = self.token_embed(codes)  # (B, T, hidden), or (B, T, t, hidden)
+        x = x.sum(dim=2) if t > 1 else x  # summed embeddings: one step per code position
         if past == 0:
             if self.config.num_classes > 0:
                 assert class_labels is not None and class_labels.shape == (B,), "a class-conditional GPT needs labels"
@@ -214,7 +229,8 @@ class GPT(ModelMixin, ConfigMixin):
 
         Args:
             num_samples (`int`): sequences `B`.
-            length (`int`): tokens per sequence (at most `block_size`).
+            length (`int`): tokens per sequence (at most `block_size * tokens_per_step`, a multiple of
+                `tokens_per_step`).
             class_labels (`Tensor` of shape `(B,)`, *optional*): labels of a class-conditional model.
             temperature (`float`, defaults to 1.0): logits are divided by it; must be positive.
             top_k (`int`, *optional*): sample among the `top_k` most likely (allowed) tokens only; 1 is greedy.
@@ -226,24 +242,34 @@ class GPT(ModelMixin, ConfigMixin):
             `Tensor` of shape `(B, length)`, int64.
         """
         assert temperature > 0, f"temperature must be positive, got {temperature}"
-        assert length <= self.config.block_size, f"length {length} exceeds block_size {self.config.block_size}"
+        t = self.config.tokens_per_step
+        assert length % t == 0, f"length {length} is not a multiple of tokens_per_step {t}"
+        assert length <= self.config.block_size * t, f"length {length} exceeds block_size {self.config.block_size}"
         device = self.token_embed.weight.device
         if allowed_tokens is not None:
             allowed_tokens = allowed_tokens.to(device)
         out = torch.empty(num_samples, length, dtype=torch.long, device=device)
         cache = KVCache(num_layers=len(self.blocks))
-        x = torch.empty(num_samples, 0, dtype=torch.long, device=device)
-        for i in range(length):
+        x = torch.empty(num_samples, 0, *([t] if t > 1 else []), dtype=torch.long, device=device)
+        for step in range(length // t):
             logits = self(x, class_labels=class_labels, cache=cache).logits[:, -1].float() / temperature  # (B, V)
-            if allowed_tokens is not None:
-                logits = logits.masked_fill(~allowed_tokens[i], float("-inf"))
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            out[:, i] = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            x = out[:, i : i + 1]
+            for i in range(step * t, (step + 1) * t):  # the step's tokens, each over its own range
+                out[:, i] = self._sample_token(logits, None if allowed_tokens is None else allowed_tokens[i], top_k,
+                                               generator)
+            x = out[:, step * t : (step + 1) * t]
+            x = x[:, None] if t > 1 else x  # (B, 1, t), or (B, 1)
         return out
+
+    @staticmethod
+    def _sample_token(logits: Tensor, allowed: Tensor | None, top_k: int | None,
+                      generator: torch.Generator | None) -> Tensor:
+        """`(B,)` tokens drawn from `logits` `(B, V)` (already divided by the temperature), within `allowed` `(V,)`."""
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 __all__ = ["GPT", "CodeLayout", "CodeLevel", "GPTOutput", "KVCache"]

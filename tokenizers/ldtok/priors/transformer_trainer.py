@@ -1,5 +1,6 @@
 """The autoregressive prior's part of the training loop (`train/prior_transformer.py`): a `GPT` on code sequences
-(`CodeLayout`), next-token cross-entropy, its sampler and the decoding of sampled codes."""
+(`CodeLayout`; residual stages as extra tokens or, with `residual_stages=summed`, as summed embeddings), next-token
+cross-entropy, its sampler and the decoding of sampled codes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
+from einops import rearrange
 from safetensors.torch import save
 from torch.utils.data import DataLoader
 
@@ -31,9 +33,12 @@ class TransformerPriorTask(PriorTask):
         super().__init__(loop)
         tc, m = config.train, config.model
         self.config, self.layout, self.conditional = config, layout, m.num_classes is not None
-        model = GPT(vocab_size=layout.vocab_size, block_size=layout.length, num_layers=m.num_layers,
+        self.tokens_per_step = t = layout.tokens_per_step(config.residual_stages)
+        model = GPT(vocab_size=layout.vocab_size, block_size=layout.length // t, num_layers=m.num_layers,
                     num_heads=m.num_heads, hidden_size=m.hidden_size, dropout=m.dropout,
-                    num_classes=m.num_classes or 0)
+                    num_classes=m.num_classes or 0, tokens_per_step=t)
+        # summed stages: the logits of a step, read once per token of the next position, each over its own range
+        self.token_ranges = layout.allowed_tokens().view(layout.length // t, t, -1) if t > 1 else None
         optimizer = torch.optim.AdamW(model.parameter_groups(tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas))
         self.ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema_decay else None
         self.model, self.optimizer, self.loader = loop.accelerator.prepare(model, optimizer, loader)
@@ -47,10 +52,21 @@ class TransformerPriorTask(PriorTask):
     def step(self, batch, step: int) -> dict[str, torch.Tensor]:
         tokens = self.layout.pack(batch)  # (B, L)
         labels = batch["label"] if self.conditional else None
-        logits = self.model(tokens[:, :-1], class_labels=labels).logits  # (B, L, V), through the wrapper
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        loss = self.loss(tokens, labels)
         self.loop.update(loss, self.optimizer, self.model)
         return self.record(loss)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Next-token cross-entropy of sequences `tokens` `(B, L)`, through the prepared (wrapped) GPT."""
+        t = self.tokens_per_step
+        if t == 1:
+            logits = self.model(tokens[:, :-1], class_labels=labels).logits  # (B, L, V)
+            return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        steps = rearrange(tokens, "b (p t) -> b p t", t=t)  # (B, P, t): a position's stages per step
+        logits = self.model(steps[:, :-1], class_labels=labels).logits.float()  # (B, P, V)
+        ranges = self.token_ranges.to(logits.device)  # (P, t, V)
+        logits = logits[:, :, None].masked_fill(~ranges, float("-inf"))  # (B, P, t, V), each token's own range
+        return F.cross_entropy(logits.flatten(0, 2), tokens.flatten())
 
     @property
     def final_model(self) -> GPT:
@@ -60,7 +76,8 @@ class TransformerPriorTask(PriorTask):
         save_pretrained_atomic(self.ema.model if self.ema is not None else self.raw_model, path / "transformer")
 
     def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """`num_samples` code maps `{field: (N, h, w)}` (temperature, top-k; classes cycling, as `label`)."""
+        """`num_samples` code maps `{field: (N, h, w)}`, the shards' fields (residual VQ: one per stage; temperature,
+        top-k; classes cycling, as `label`)."""
         config, device = self.config, self.loop.accelerator.device
         generator = torch.Generator(device).manual_seed(config.train.seed)
         labels = torch.arange(num_samples, device=device) % config.model.num_classes if self.conditional else None

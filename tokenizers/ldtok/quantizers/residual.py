@@ -5,6 +5,10 @@ Every stage is a full `VectorQuantizer` (EMA or gradient codebook, k-means init 
 restarts, SimVQ), all ranks agreeing; the gradient of the sum passes straight through to the input. Quantize dropout
 (a step uses only the first `n` stages) is drawn from a generator seeded by the step, so every rank drops the same
 stages.
+
+`indices` are `(B, S, H, W)`, stage axis second; a latent shard stores each stage as its own `(N, h, w)` field,
+`indices_stage0` ... `indices_stage{S-1}` (`Tokenizer.encode_fields`, `ldtok.latent_kinds`), which the tokenizer's
+`index_stages` (this quantizer's `num_stages`) announces.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ def describe_batch(latent: LatentKind, batch: dict[str, Tensor], B: int, *, inde
 
     Raises:
         `ValueError` naming the field: unknown or missing fields, a partial set of `_flip` twins, wrong row counts,
-        shapes or dtypes (Gaussian fields: `(B, C, h, w)` floats of one dtype; indices: `(B, h, w)` or `(B, S, h, w)`
-        integers, stored as `index_dtype`).
+        shapes or dtypes (Gaussian fields: `(B, C, h, w)` floats of one dtype; indices: `(B, h, w)` integers,
+        stored as `index_dtype`; residual VQ gives one such field per stage, `indices_stage0`, ...).
     """
     required = latent.fields
     flip = [f"{name}_flip" for name in required]
@@ -46,9 +46,9 @@ def describe_batch(latent: LatentKind, batch: dict[str, Tensor], B: int, *, inde
                 )
             dtype = t.dtype
         else:
-            if t.ndim not in (3, 4) or t.dtype.is_floating_point:  # (B, S, h, w): residual VQ's stages
-                raise ValueError(f"{name!r} must be a (B, h, w) or (B, S, h, w) integer tensor, got {t.dtype} "
-                                 f"{tuple(t.shape)}")
+            if t.ndim != 3 or t.dtype.is_floating_point:  # residual VQ: one (B, h, w) field per stage
+                raise ValueError(f"{name!r} must be a (B, h, w) integer tensor (residual VQ: one field per stage), "
+                                 f"got {t.dtype} {tuple(t.shape)}")
             dtype = index_dtype
         fields[name] = {"dtype": dtype_name(dtype), "shape": list(t.shape[1:]), "description": latent.description(name)}
     if latent.gaussian and len({fields[n]["dtype"] for n in fields if n != "label"}) != 1:

@@ -7,7 +7,9 @@ Both readers yield the same items:
   default SD convention the manifest's `shift_factor` is `None` and no shift is applied (`latents = z *
   scaling_factor`, what `StableDiffusionPipeline` expects); under `--latent-convention sd3` it is the latent mean
   (`ldtok.shards.stats`);
-- VQ: `{"indices": (h, w) int64, "id": str}`; VQ-VAE-2: `{"indices_top": ..., "indices_bottom": ..., "id": str}`;
+- VQ: `{"indices": (h, w) int64, "id": str}`; residual VQ: `{"indices_stage0": (h, w) int64, ...,
+  "indices_stage{S-1}": ..., "id": str}`; VQ-VAE-2: `{"indices_top": ..., "indices_bottom": ..., "id": str}`
+  (`ldtok.latent_kinds.stored_latent`: shards of the earlier residual layout, one `(S, h, w)` tensor, are refused);
 - plus `"label"` (int64 scalar tensor) and `"caption"` (str) when the shards store them.
 
 With `use_flip=True` each item picks the stored flipped variant (`*_flip` fields) with probability 1/2, the way
@@ -33,7 +35,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .. import distributed
 from ..errors import LdtokError
-from ..latent_kinds import latent_kind
+from ..latent_kinds import stored_latent
 from .manifest import load_manifest, sha256_file
 
 
@@ -66,7 +68,7 @@ class _ShardSource:
         self.verified: set[str] = set()  # per process: forked workers start from the parent's set
         self.sample_posterior = sample_posterior
         self.use_flip = use_flip
-        self.latent = latent_kind(self.kind)
+        self.latent = stored_latent(self.kind, self.fields)  # with residual stages, if stored
         self.latent_fields = self.latent.fields
         if use_flip:
             missing = [f"{name}_flip" for name in self.latent_fields if f"{name}_flip" not in self.fields]

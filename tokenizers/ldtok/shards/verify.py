@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import LdtokError
+from ..latent_kinds import stored_latent
 from .manifest import (
     FORMAT_VERSION,
     PART_RE,
@@ -57,6 +59,12 @@ def index_problems(manifest: object) -> list[str]:
     if problems:
         return problems
     problems += [f"index.json: damaged (totals.{k} missing)" for k in TOTALS_KEYS if k not in manifest["totals"]]
+    try:  # the earlier residual-VQ layout (one (S, h, w) tensor) is no longer read
+        stored_latent(manifest["kind"], manifest["fields"])
+    except LdtokError as e:
+        problems.append(f"index.json: {e}")
+    except (ValueError, KeyError, TypeError):  # an unknown kind or malformed fields: other checks report them
+        pass
     for i, rec in enumerate(manifest["shards"]):
         if not isinstance(rec, dict):
             problems.append(f"index.json: damaged (shards[{i}] is not an object)")

@@ -3,8 +3,8 @@
 Shard contents (one safetensors file of N samples, rows in the order they were added):
 
 the latent fields of its kind (`ldtok.latent_kinds`: KL `mean`, `logvar` `(N, C, h, w)` in float16 / bfloat16 /
-float32; VQ `indices` `(N, h, w)` or residual `(N, S, h, w)`, VQ-VAE-2 `indices_top`, `indices_bottom`, in
-`index_dtype_for(codebook_size)`),
+float32; VQ `indices` `(N, h, w)`, residual VQ one tensor per stage `indices_stage0` ... `indices_stage{S-1}`
+`(N, h, w)` each, VQ-VAE-2 `indices_top`, `indices_bottom`, in `index_dtype_for(codebook_size)`),
 plus, optionally, `label` `(N,)` int64, and flip variants: when the encoder also stores the latents of the horizontally
 flipped image, every latent field has a twin suffixed `_flip` (`mean_flip`, `logvar_flip`, `indices_flip`, ...),
 all or none. Sample ids and captions are *not* tensors: they live in the safetensors metadata as JSON lists (`"ids"`,
@@ -83,6 +83,8 @@ class ShardWriter:
         rank (`int`, defaults to 0), world_size (`int`, defaults to 1): this process's place in the encoder's split.
         codebook_size (`int`, *optional*): number of codes (VQ kinds, required; the larger level's for VQ-VAE-2);
             picks the stored index dtype and is range-checked.
+        num_stages (`int`, *optional*): residual stages of the code levels (`Tokenizer.index_stages`): `add` then
+            takes one field per level and stage (`indices_stage0`, ...; `LatentKind.with_stages`).
         resume (`bool`, defaults to `True`): continue after this rank's complete shards; if `False`, raise
             `FileExistsError` when any exist.
         provenance (`dict[str, str]`, *optional*): where the latents come from, for messages (e.g. the model's
@@ -102,11 +104,14 @@ class ShardWriter:
         rank: int = 0,
         world_size: int = 1,
         codebook_size: int | None = None,
+        num_stages: int | None = None,
         resume: bool = True,
         provenance: dict[str, str] | None = None,
         check_sha256: bool = True,
     ):
         self.latent: LatentKind = latent_kind(kind)
+        if num_stages is not None:
+            self.latent = self.latent.with_stages(num_stages)
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
         if not 0 <= rank < world_size:
@@ -145,6 +150,10 @@ class ShardWriter:
                         f"cannot resume rank {rank} in {self.out_dir}: existing shards have {key}="
                         f"{state.config[key]!r}, this writer {mine[key]!r}"
                     )
+            stored = {name.removesuffix("_flip") for name in state.config["fields"] or {} if name != "label"}
+            if stored and stored != set(self.latent.fields):  # e.g. residual VQ's earlier (S, h, w) layout
+                raise ValueError(f"cannot resume rank {rank} in {self.out_dir}: existing shards store fields "
+                                 f"{sorted(stored)}, this writer {list(self.latent.fields)}")
         self._records: list[ShardRecord] = list(state.shards)
         # per-tensor dtype/shape/description and whether captions are stored: fixed by the first non-empty batch
         self._fields: dict | None = state.config["fields"] if state.config else None
