@@ -40,10 +40,10 @@ only: SDXL-style pipelines combine `latents_mean`/`latents_std` *with* `scaling_
 twice.
 """
 
-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ldtok.commands.data_args import RENAME as DATA_RENAME
 from ldtok.commands.data_args import SHARED as DATA_SHARED
@@ -59,7 +59,7 @@ DATA_ONLY = ("label_column", "caption_column", "on_bad_image")
 DATA_FIELDS = (*DATA_SHARED, *DATA_ONLY)
 # EncodeConfig's dotted `data.*` keys -> their flags (`data.source` -> `--data-source`, `data.split` -> `--split`)
 RENAME = {f"data.{key}": DATA_RENAME.get(key, key.replace("_", "-")) for key in DATA_FIELDS}
-ENCODING = tuple(k for k in EncodeConfig.__dataclass_fields__ if k not in ("model", "out", "data"))
+ENCODING = tuple(f.name for f in dataclasses.fields(EncodeConfig) if f.name not in ("model", "out", "data"))
 FLAGS = ("model", "out", *RENAME, *ENCODING)  # every EncodeConfig key that has a flag
 
 
