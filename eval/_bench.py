@@ -54,7 +54,8 @@ from _bench_steps import (  # noqa: F401  (re-exported: the benchmark's public n
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldtok.config import from_dict
+from ldtok.config import check_choice, check_range, from_dict, invalid
+from ldtok.errors import LdtokError
 from ldtok.meters import ThroughputMeter, peak_memory_mib
 from ldtok.models import ModelConfig
 from ldtok.performance import resolve_mixed_precision
@@ -62,6 +63,7 @@ from ldtok.training import TrainConfig
 
 PERCEPTUAL_NOTE = "perceptual: lpips.LPIPS(net='vgg', pnet_rand=True) on both sides (random VGG backbone, same compute)"
 SETTINGS = ("equal", "defaults", "custom")
+TASKS = ("train", "encode")
 
 
 def describe_options(options: Options) -> str:
@@ -87,10 +89,10 @@ class BenchConfig:
     """What `run_benchmark` measures.
 
     Args:
-        presets (`list[str]`): model presets (`ldtok.models.MODEL_PRESETS`; KL and VQGAN families).
+        presets (`list[str]`): model presets of `ldtok.models.MODEL_PRESETS` (KL and VQGAN families).
         tasks (`list[str]`): `"train"` (a generator + discriminator step) and/or `"encode"` (images to latents /
             indices, no gradients).
-        device (`"cpu"` or `"cuda"`).
+        device (`"cpu"` or `"cuda"`): where both sides run.
         settings (`list[str]`): ldtok's side in each comparison: `"equal"` (fp32, eager, NCHW, plain AdamW: the
             baseline's settings, so the ratio is the algorithmic gain alone), `"defaults"` (the trainer's defaults,
             `ldtok.training.TrainConfig`: mixed precision `auto`, channels-last, fused AdamW, compile as configured),
@@ -130,15 +132,27 @@ class BenchConfig:
     disc_layers: int = 3
 
     def __post_init__(self):
-        for task in self.tasks:
-            assert task in ("train", "encode"), f"unknown task {task!r}: choose train and/or encode"
-        for setting in self.settings:
-            assert setting in SETTINGS, f"unknown setting {setting!r}: choose from {SETTINGS}"
-        assert self.precision in DTYPES, f"precision must be one of {tuple(DTYPES)}, got {self.precision!r}"
-        assert self.steps > 0 and self.warmup >= 0, f"steps must be > 0, warmup >= 0; got {self.steps}, {self.warmup}"
-        assert self.repeats > 0, f"repeats must be > 0, got {self.repeats}"
+        each_choice(self, "tasks", TASKS)
+        each_choice(self, "settings", SETTINGS)
+        check_choice(self, "precision", tuple(DTYPES))
+        for name in ("batch_size", "resolution", "steps", "repeats", "disc_channels", "disc_layers"):
+            check_range(self, name, gt=0)
+        check_range(self, "warmup", ge=0)
+        if not self.presets:
+            raise invalid("presets", "give at least one preset")
         for preset in self.presets:
-            model_config(preset, self.resolution)  # raises for unknown presets and families without a baseline
+            try:
+                model_config(preset, self.resolution)  # unknown presets, families without a baseline
+            except ValueError as e:
+                raise invalid("presets", str(e).removeprefix("preset: ")) from None
+
+
+def each_choice(section, field: str, allowed) -> None:
+    """Every value of the list `section.field` is one of `allowed` (a `ConfigError` naming the first that is not)."""
+    for value in getattr(section, field):
+        if value not in allowed:
+            raise invalid(field, f"unknown choice {value!r} (allowed: {', '.join(allowed)})")
+
 
 def model_config(preset: str, resolution: int, overrides: dict | None = None) -> ModelConfig:
     """The preset's `ModelConfig` at `resolution`; `overrides` (`model.*` keys, validated) replace the preset's."""
@@ -146,7 +160,8 @@ def model_config(preset: str, resolution: int, overrides: dict | None = None) ->
     if config.type not in ("kl", "vqgan"):
         raise ValueError(f"preset {preset!r} is a {config.type} model: no diffusers baseline exists for it")
     f = config.downsample_factor
-    assert resolution % f == 0, f"resolution {resolution} not divisible by preset {preset!r}'s downsampling factor {f}"
+    if resolution % f:
+        raise ValueError(f"resolution {resolution} not divisible by preset {preset!r}'s downsampling factor {f}")
     return config
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -354,7 +369,8 @@ def run_benchmark(config: BenchConfig, *, work_dir: str | Path | None = None,
                   log: Callable[[str], None] = lambda message: None) -> list[Row]:
     """Measure every (preset, task): the baseline and ldtok under each setting, `repeats` times, alternating. Weights
     go to `work_dir` (default: a temporary folder)."""
-    assert config.device != "cuda" or torch.cuda.is_available(), "device cuda requested, but CUDA is not available"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise LdtokError("--device cuda: CUDA is not available")
     run = _run_in_fresh_process if config.device == "cpu" else _run_here
     rows = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:

@@ -58,6 +58,7 @@ from typing import Literal
 from _bench_encode_report import format_table, write_report  # noqa: F401  (re-exported for bench_encode.py)
 
 import ldtok
+from ldtok.config import check_choice, check_range, invalid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAIVE_CLASSES = ("AutoencoderKL", "VQModel")
@@ -103,25 +104,27 @@ class EncodeBenchConfig:
 
     def __post_init__(self):
         for setting in self.settings:
-            assert setting in SETTINGS, f"unknown setting {setting!r}: choose from {tuple(SETTINGS)}"
-        assert self.models, "give at least one model directory"
-        for model in self.models:
-            class_name = model_class(model)
-            assert class_name in NAIVE_CLASSES, (
-                f"{model} is a {class_name!r}: the naive loop needs a diffusers class ({', '.join(NAIVE_CLASSES)})")
-        assert self.resolution > 0 and self.num_images > 0 and self.batch_size > 0, (
-            f"resolution, num_images and batch_size must be positive, got {self.resolution}, {self.num_images}, "
-            f"{self.batch_size}")
-        assert self.scale >= 2, f"scale must be at least 2 (the large dataset is scale x the 1x one), got {self.scale}"
-        assert self.dtype in ("fp16", "bf16", "fp32"), f"dtype must be fp16, bf16 or fp32, got {self.dtype!r}"
-        assert self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"
-        assert self.threads is None or self.threads > 0, f"threads must be positive, got {self.threads}"
+            if setting not in SETTINGS:
+                raise invalid("settings", f"unknown choice {setting!r} (allowed: {', '.join(SETTINGS)})")
+        check_choice(self, "dtype", ("fp16", "bf16", "fp32"))
+        for name in ("resolution", "num_images", "batch_size", "threads"):
+            check_range(self, name, gt=0)
+        check_range(self, "scale", ge=2)  # the large dataset is `scale` x the 1x one
+        check_range(self, "num_workers", ge=0)
         if self.samples_per_shard is None:
             B = self.batch_size
             self.samples_per_shard = max(1, min(DEFAULT_SAMPLES_PER_SHARD, self.num_images) // B) * B
-        assert self.samples_per_shard > 0 and self.samples_per_shard % self.batch_size == 0, (
-            f"samples_per_shard ({self.samples_per_shard}) must be a positive multiple of batch_size "
-            f"({self.batch_size})")
+        check_range(self, "samples_per_shard", gt=0)
+        if self.samples_per_shard % self.batch_size:
+            raise invalid("samples_per_shard", f"must be a positive multiple of batch_size ({self.batch_size}), "
+                                               f"got {self.samples_per_shard}")
+        if not self.models:
+            raise invalid("models", "give at least one model directory")
+        for model in self.models:
+            class_name = model_class(model)  # FileNotFoundError without a config.json
+            if class_name not in NAIVE_CLASSES:
+                raise invalid("models", f"{model} is a {class_name!r}: the naive loop needs a diffusers class "
+                                        f"({', '.join(NAIVE_CLASSES)})")
 
 
 def model_class(model: str | os.PathLike) -> str | None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ldtok.atomic import write_text_atomic
+from ldtok.config import check_range
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -58,19 +61,36 @@ def naive_encode(*, model: str, images: str, resolution: int, out: str, sample: 
             "threads": torch.get_num_threads()}
 
 
-def _naive_main(argv: list[str] | None = None) -> None:
-    import argparse
+@dataclass
+class NaiveOptions:
+    """One case of the naive loop (the command line `_bench_encode.naive_case` passes).
 
-    parser = argparse.ArgumentParser(description="the naive encoding loop of eval/bench_encode.py (one case)")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--images", required=True, help="image folder")
-    parser.add_argument("--resolution", type=int, required=True)
-    parser.add_argument("--out", required=True, help="where torch.save writes the latents")
-    parser.add_argument("--result", required=True, help="JSON file for the measured images and seconds")
-    args = parser.parse_args(argv)
+    Args:
+        model (`str`): a diffusers `AutoencoderKL` / `VQModel` directory.
+        images (`str`): image folder.
+        resolution (`int`): side of the square images fed to the encoder.
+        out (`str`): where `torch.save` writes the latents.
+        result (`str`): JSON file for the measured images and seconds.
+    """
+
+    model: str
+    images: str
+    resolution: int
+    out: str
+    result: str
+
+    def __post_init__(self):
+        check_range(self, "resolution", gt=0)
+
+
+def _naive_main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description="the naive encoding loop of eval/bench_encode.py (one case)")
+    args = config_from_args(NaiveOptions, add_config_arguments(parser, NaiveOptions).parse_args(argv))
     result = naive_encode(model=args.model, images=args.images, resolution=args.resolution, out=args.out)
     write_text_atomic(args.result, json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
-    _naive_main()
+    from ldtok.errors import run_cli
+
+    run_cli(_naive_main)

@@ -14,49 +14,43 @@ with the chosen options. Both start from the same weights; the perceptual networ
 (no download). See `eval/_bench.py` for what exactly is measured. Prints the ratio table, writes JSON.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from _bench import PERCEPTUAL_NOTE, SETTINGS, BenchConfig, describe_options, ldtok_options, run_benchmark
+from _bench import PERCEPTUAL_NOTE, BenchConfig, describe_options, ldtok_options, run_benchmark
 from _bench_report import format_table, write_report
+
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
+from ldtok.errors import run_cli
+
+# BenchConfig fields -> flags: `--preset` (repeatable) for `presets`; the optimizer fields keep the trainer's defaults
+RENAME = {"presets": "preset"}
+EXCLUDE = ("lr", "adam_betas", "max_grad_norm")
+
+
+@dataclass
+class ReportOptions:
+    """Where `eval/bench.py` writes its report.
+
+    Args:
+        out (`str`, defaults to `"runs/bench/bench.json"`): JSON report path.
+    """
+
+    out: str = "runs/bench/bench.json"
 
 
 def parse(argv: list[str] | None = None) -> tuple[BenchConfig, str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", nargs="+", default=["demo-kl"], help="model presets (KL and VQGAN families)")
-    parser.add_argument("--tasks", nargs="+", default=["train", "encode"], choices=["train", "encode"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--settings", nargs="+", default=["equal", "defaults"], choices=list(SETTINGS),
-                        help="ldtok's side in each comparison (one row each); the baseline is always fp32 eager")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="the custom setting's autocast dtype (fp16 with a GradScaler)")
-    parser.add_argument("--channels-last", action="store_true", help="custom: channels-last models and inputs")
-    parser.add_argument("--compile", action="store_true", help="custom: torch.compile the models / encode function")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="measure each side this many times (alternating) and keep its fastest run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--disc-channels", type=int, default=64)
-    parser.add_argument("--disc-layers", type=int, default=3)
-    parser.add_argument("--out", default="runs/bench/bench.json", help="JSON report path")
+    """`(BenchConfig, report path)` of the command line; a bad value is a one-line `ConfigError` naming the flag."""
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, BenchConfig, rename=RENAME, exclude=EXCLUDE)
+    add_config_arguments(parser, ReportOptions)
     args = parser.parse_args(argv)
-    config = BenchConfig(
-        presets=args.preset, tasks=args.tasks, device=args.device, settings=args.settings, precision=args.precision,
-        channels_last=args.channels_last, compile=args.compile, batch_size=args.batch_size,
-        resolution=args.resolution, steps=args.steps, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-        disc_channels=args.disc_channels, disc_layers=args.disc_layers,
-    )
-    return config, args.out
+    config = config_from_args(BenchConfig, args, rename=RENAME, exclude=EXCLUDE)
+    return config, config_from_args(ReportOptions, args).out
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        config, out = parse(argv)
-    except (AssertionError, ValueError) as e:
-        sys.exit(f"bench: {e}")
+    config, out = parse(argv)
     settings = ", ".join(f"{name} ({describe_options(ldtok_options(config, name))})" for name in config.settings)
     print(f"ldtok bench: {config.device}, batch {config.batch_size} x {config.resolution}px, {config.steps} steps "
           f"after {config.warmup} warm-up, best of {config.repeats}; ldtok: {settings}; baseline: fp32 eager",
@@ -71,4 +65,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # one-line errors (config errors: exit code 2), no traceback

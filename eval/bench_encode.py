@@ -13,48 +13,48 @@ first). The defaults (256 and 2560 images at 64 px) take about 1.5 minutes per d
 `eval/_bench_encode.py` for exactly what is measured. Prints the table, writes JSON.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 from _bench_encode import EncodeBenchConfig, format_table, run_benchmark, write_report
 
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
+from ldtok.errors import run_cli
+
+RENAME = {"models": "model"}  # `--model DIR [DIR ...]`
+HELP = {"threads": "OMP_NUM_THREADS of every measured process; 0: torch's default, one per core (on a busy machine "
+                   "those threads fight other processes: see eval/_bench_encode.py)"}
+
+
+@dataclass
+class ScriptOptions:
+    """Where `eval/bench_encode.py` works and writes.
+
+    Args:
+        work_dir (`str`, *optional*): where the temporary image folders and outputs go ($TMPDIR when left out).
+        out (`str`, defaults to `"runs/bench/encode.json"`): JSON report path.
+    """
+
+    work_dir: str | None = None
+    out: str = "runs/bench/encode.json"
+
 
 def parse(argv: list[str] | None = None) -> tuple[EncodeBenchConfig, str, str | None]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", nargs="+", required=True, help="AutoencoderKL / VQModel directories")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--num-images", type=int, default=256, help="images of the 1x dataset")
-    parser.add_argument("--scale", type=int, default=10, help="the large dataset is this many times the 1x one")
-    parser.add_argument("--batch-size", type=int, default=32, help="ldtok encode --batch-size")
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="ldtok encode --dtype")
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="ldtok encode --num-workers (> 0: the peak is the largest process's, not the sum)")
-    parser.add_argument("--samples-per-shard", type=int,
-                        help="ldtok encode --samples-per-shard (default: min(1024, --num-images), a multiple of the "
-                             "batch: shards larger than the 1x data would make 1x -> 10x measure the shard buffer)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of every measured process; 0: torch's default, one per core (on a "
-                             "busy machine those threads fight other processes: see eval/_bench_encode.py)")
-    parser.add_argument("--source-dir", help="folder of images (default: the default dataset's training crops)")
-    parser.add_argument("--work-dir", help="where the temporary image folders and outputs go (default: $TMPDIR)")
-    parser.add_argument("--settings", nargs="+", default=["equal", "defaults"], choices=["equal", "defaults"],
-                        help="ldtok encode's options, one row each: equal (fp32, NCHW, as the naive loop) or "
-                             "defaults (the command's own: autocast auto, channels-last)")
-    parser.add_argument("--out", default="runs/bench/encode.json", help="JSON report path")
+    """`(EncodeBenchConfig, report path, work dir)` of the command line; a bad value is a one-line `ConfigError`
+    naming the flag."""
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, EncodeBenchConfig, rename=RENAME, help=HELP)
+    add_config_arguments(parser, ScriptOptions)
     args = parser.parse_args(argv)
-    config = EncodeBenchConfig(
-        models=args.model, resolution=args.resolution, num_images=args.num_images, scale=args.scale,
-        batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers,
-        samples_per_shard=args.samples_per_shard, threads=args.threads or None, source_dir=args.source_dir,
-        settings=args.settings,
-    )
-    return config, args.out, args.work_dir
+    config = config_from_args(EncodeBenchConfig, args, rename=RENAME, overrides={"threads": args.threads or None})
+    options = config_from_args(ScriptOptions, args)
+    return config, options.out, options.work_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         config, out, work_dir = parse(argv)
-    except (AssertionError, FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:  # a --model without a config.json
         sys.exit(f"bench_encode: {e}")
     N, K = config.num_images, config.scale
     threads = config.threads or "torch's default"
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # one-line errors (config errors: exit code 2), no traceback

@@ -23,13 +23,18 @@ Prints a Markdown table and writes `OUT/results.json`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from ldtok.config import check_range, invalid
+from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
+from ldtok.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +53,34 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+@dataclass
+class CompareOptions:
+    """What `eval/compare_quantizers.py` trains and evaluates.
+
+    Args:
+        variants (`list[str]`, defaults to every variant): the quantizers to compare (the module docstring's list).
+        steps (`int`, defaults to 250): training steps per variant.
+        batch_size (`int`, defaults to 8): training batch.
+        resolution (`int`, defaults to 64): side of the training and validation crops.
+        fid (`"auto"` or `"off"`, defaults to `"off"`): rFID with the FID Inception when it is installed, or not.
+        out (`str`, defaults to `"runs/compare-quantizers"`): one run directory per variant and `results.json`.
+    """
+
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    steps: int = 250
+    batch_size: int = 8
+    resolution: int = 64
+    fid: Literal["auto", "off"] = "off"
+    out: str = "runs/compare-quantizers"
+
+    def __post_init__(self):
+        for name in self.variants:
+            if name not in VARIANTS:
+                raise invalid("variants", f"unknown choice {name!r} (allowed: {', '.join(VARIANTS)})")
+        for name in ("steps", "batch_size", "resolution"):
+            check_range(self, name, gt=0)
+
+
 def bits_per_token(run: Path) -> float:
     config = json.loads((run / "final" / "config.json").read_text())
     quantizer = config.get("quantizer")
@@ -57,7 +90,7 @@ def bits_per_token(run: Path) -> float:
     return stages * math.log2(quantizer["codebook_size"])
 
 
-def train_variant(name: str, args: argparse.Namespace) -> dict:
+def train_variant(name: str, args: CompareOptions) -> dict:
     """Train one variant with `train/vq.py` in a child process; returns its `summary.json`."""
     run = Path(args.out) / name
     if not (run / "summary.json").is_file():
@@ -74,7 +107,7 @@ def train_variant(name: str, args: argparse.Namespace) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def evaluate_variant(name: str, args: argparse.Namespace, accelerator) -> dict[str, float | None]:
+def evaluate_variant(name: str, args: CompareOptions, accelerator) -> dict[str, float | None]:
     from ldtok.data import DataConfig, build_dataset
     from ldtok.evaluation import EvalOptions, evaluate_tokenizer
     from ldtok.models import load_tokenizer
@@ -114,14 +147,8 @@ def format_table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--fid", default="off", choices=["auto", "off"])
-    parser.add_argument("--out", default="runs/compare-quantizers")
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    args = config_from_args(CompareOptions, add_config_arguments(parser, CompareOptions).parse_args(argv))
 
     from accelerate import Accelerator
 
@@ -132,11 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = {"images_per_s": summary["images_per_s"], **evaluate_variant(name, args, accelerator)}
         print(f"[{name}] {rows[name]}", file=sys.stderr, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.json").write_text(json.dumps({"arguments": vars(args), "results": rows}, indent=2))
+    (Path(args.out) / "results.json").write_text(json.dumps({"arguments": asdict(args), "results": rows}, indent=2))
     print(f"{args.steps} steps, batch {args.batch_size}, {args.resolution} px, demo-vq architecture and loss; "
           f"2-core CPU, 1 thread")
     print(format_table(rows))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # one-line errors (config errors: exit code 2), no traceback

@@ -15,9 +15,8 @@ from ldtok.errors import run_cli
 
 
 def main() -> int:
-    parser = ArgumentParser(description=eval_command.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_command.add_arguments(parser)
+    parser = ArgumentParser(description=eval_command.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_command.add_arguments(parser)  # the flags of `ldtok eval`, generated from its options dataclasses
     return eval_command.run(parser.parse_args())
 
 

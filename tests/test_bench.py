@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldtok.config import ConfigError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # the benchmark code lives beside the library
 from _bench import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights  # noqa: E402
 
@@ -112,7 +114,11 @@ def test_baseline_and_ldtok_steps_compute_the_same_losses(tmp_path, preset):
 
 
 def test_families_without_a_diffusers_baseline_are_refused():
-    with pytest.raises(ValueError, match="no diffusers baseline"):
+    with pytest.raises(ConfigError, match="^presets: preset 'demo-vqvae2' is a vqvae2 model: no diffusers baseline"):
         BenchConfig(presets=["demo-vqvae2"], resolution=32)
-    with pytest.raises(AssertionError, match="not divisible"):
+    with pytest.raises(ConfigError, match="^presets: resolution 30 not divisible"):
         BenchConfig(presets=["demo-kl"], resolution=30)
+    with pytest.raises(ConfigError, match=r"^tasks: unknown choice 'fit' \(allowed: train, encode\)"):
+        BenchConfig(tasks=["encode", "fit"])
+    with pytest.raises(ConfigError, match="^warmup: must be >= 0"):
+        BenchConfig(warmup=-1)

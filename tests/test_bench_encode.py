@@ -18,6 +18,7 @@ from _bench_encode import EncodeBenchConfig, ldtok_case, link_images, source_ima
 from _bench_encode_naive import naive_encode  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from ldtok.config import ConfigError
 from ldtok.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,10 +108,10 @@ def test_shard_size_defaults_to_the_1x_size_and_models_need_a_diffusers_class(kl
     sizes = {(n, b): EncodeBenchConfig(models=[str(kl_model)], num_images=n, batch_size=b).samples_per_shard
              for n, b in [(256, 32), (4096, 32), (100, 32), (8, 32)]}
     assert sizes == {(256, 32): 256, (4096, 32): 1024, (100, 32): 96, (8, 32): 32}
-    with pytest.raises(AssertionError, match="multiple of batch_size"):
+    with pytest.raises(ConfigError, match=r"^samples_per_shard: must be a positive multiple of batch_size \(32\)"):
         EncodeBenchConfig(models=[str(kl_model)], batch_size=32, samples_per_shard=48)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQVAE2"}))
-    with pytest.raises(AssertionError, match="needs a diffusers class"):
+    with pytest.raises(ConfigError, match="^models: .* needs a diffusers class"):
         EncodeBenchConfig(models=[str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         EncodeBenchConfig(models=[str(tmp_path / "missing")])

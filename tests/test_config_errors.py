@@ -47,8 +47,29 @@ COMMAND_CASES = [
     (["eval/ablate_colour.py", "--only", "kl/nope"], ["--only", "kl/nope", "kl/base"]),
     ([*CLI, "encode", *MODEL, "--dtype", "fp7"], ["--dtype", "'fp7'", "fp32"]),
     ([*CLI, "encode", *MODEL, "--data-source", "ftp"], ["--data-source", "'ftp'", "folder"]),
-    ([*CLI, "encode", *MODEL, "--batch-size", "0"], ["batch"]),
-    ([*CLI, "decode", "no-such-shards", *MODEL, "--batch-size", "0"], ["batch"]),
+]
+
+# values out of range and unknown choices, checked by the options dataclasses before any file is read (no such
+# shards or model exist); these also run under `python -O`, which strips asserts: none may be validated by one
+VALUE_CASES = [
+    ([*CLI, "encode", *MODEL, "--crop", "square"], ["--crop", "'square'", "center", "resize"]),
+    ([*CLI, "encode", *MODEL, "--num-workers", "-1"], ["--num-workers", ">= 0"]),
+    ([*CLI, "encode", *MODEL, "--batch-size", "4", "--samples-per-shard", "6"],
+     ["--samples-per-shard", "multiple of --batch-size (4)", "6"]),
+    ([*CLI, "encode", *MODEL, "--batch-size", "0"], ["--batch-size", "> 0"]),
+    ([*CLI, "decode", "no-such-shards", *MODEL, "--batch-size", "0"], ["--batch-size", "> 0"]),
+    ([*CLI, "decode", "no-such-shards", *MODEL, "--limit", "-1"], ["--limit", ">= 0"]),
+    ([*CLI, "decode", "no-such-shards", *MODEL, "--grid-size", "0"], ["--grid-size", "> 0"]),
+    ([*CLI, "verify", "no-such-shards", "--max-problems", "-1"], ["--max-problems", ">= 0"]),
+    (["eval/bench.py", "--tasks", "train", "fit"], ["--tasks", "'fit'", "train", "encode"]),
+    (["eval/bench.py", "--steps", "0"], ["--steps", "> 0"]),
+    (["eval/bench.py", "--preset", "demo-kl", "--resolution", "30"], ["--preset", "not divisible"]),
+    (["eval/bench_encode.py", "--model", "m", "--scale", "1"], ["--scale", ">= 2"]),
+    (["eval/bench_encode.py", "--model", "m", "--settings", "fast"], ["--settings", "'fast'", "equal", "defaults"]),
+    (["eval/_bench_encode_naive.py", "--model", "m", "--images", "i", "--resolution", "0", "--out", "o", "--result",
+      "r"], ["--resolution", "> 0"]),
+    (["eval/compare_quantizers.py", "--variants", "vq", "pq"], ["--variants", "'pq'", "fsq", "lfq-18bit"]),
+    (["eval/compare_quantizers.py", "--steps", "0"], ["--steps", "> 0"]),
 ]
 
 
@@ -56,9 +77,21 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
 
 
-@pytest.mark.parametrize("argv, expected", TRAIN_CASES + COMMAND_CASES, ids=lambda v: " ".join(v) if
-                         isinstance(v, list) and v and v[0] != "--" else None)
+def _id(value):
+    return " ".join(value) if isinstance(value, list) and value and value[0] != "--" else None
+
+
+@pytest.mark.parametrize("argv, expected", TRAIN_CASES + COMMAND_CASES + VALUE_CASES, ids=_id)
 def test_a_config_error_is_one_line_exit_2_naming_the_key(argv, expected):
+    check_one_line_exit_2(argv, expected)
+
+
+@pytest.mark.parametrize("argv, expected", VALUE_CASES, ids=_id)
+def test_the_same_errors_under_python_O(argv, expected):
+    check_one_line_exit_2(["-O", *argv], expected)
+
+
+def check_one_line_exit_2(argv: list[str], expected: list[str]) -> None:
     result = run(argv)
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

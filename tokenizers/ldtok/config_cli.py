@@ -6,12 +6,13 @@ options = config_from_args(EvalOptions, parser.parse_args())
 ```
 
 One flag per dataclass field: `--field-name` (nested sections `--section-key`; `prefix="data"` gives `--data-key`),
-its type from the annotation (`Literal` -> choices; `bool` -> `--x/--no-x`; lists and tuples take values separated
-by spaces or commas, the flag may repeat, `none` is an empty list; `X | None` -> `X`, left out means `None`), its
-default from the dataclass and its help from the field's entry in the dataclass docstring's `Args:` section
-(`ldtok.config.arg_descriptions`). A field without a default is a required flag, or a positional argument when listed
-in `positional`. `config_from_args` builds the dataclass back through `ldtok.config.from_dict`,
-so values are checked exactly as a YAML file's are; its one-line `ConfigError` (exit code 2) names the flag.
+its type from the annotation (`Literal` -> choices; `bool` -> `--x/--no-x`, a field `no_x` -> `--no-x/--x`; lists and
+tuples take values separated by spaces or commas, the flag may repeat, `none` is an empty list; `X | None` -> `X`,
+left out means `None`), its default from the dataclass and its help from the field's entry in the dataclass
+docstring's `Args:` section (`ldtok.config.arg_descriptions`). A field without a default is a required flag, or a
+positional argument when listed in `positional`. `config_from_args` builds the dataclass back through
+`ldtok.config.from_dict`, so values are checked exactly as a YAML file's are; its one-line `ConfigError` (exit code 2)
+names the flag.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def add_config_arguments(parser, cls: type, *, prefix: str = "", rename: dict[st
     for key, tp, field, doc, flag, dest in sorted(flags, key=lambda f: order.get(f[0], -1)):
         default = defaults.get(key, _field_default(field))
         kwargs = _argument_kwargs(key, tp, default, help.get(key, doc))
+        if kwargs.get("action") is argparse.BooleanOptionalAction and flag.startswith("no-"):
+            kwargs["action"] = _NegatedBoolAction  # `--no-progress/--progress`, not `--no-progress/--no-no-progress`
         if key in order:
             parser.add_argument(dest, **kwargs)
         elif default is dataclasses.MISSING:
@@ -171,6 +174,20 @@ def _argument_kwargs(key: str, tp: Any, default: Any, doc: str) -> dict[str, Any
     if tp in (str, int, float):
         return {"type": tp, "help": f"{doc}{shown}"}
     raise TypeError(f"config field {key!r}: no command-line form for {tp!r}; exclude it")
+
+
+class _NegatedBoolAction(argparse.Action):
+    """A bool field named `no_x`: `--no-x` sets it, `--x` clears it (`BooleanOptionalAction` would add `--no-no-x`)."""
+
+    def __init__(self, option_strings, dest, default=None, required=False, help=None):
+        positive = [f"--{s[len('--no-'):]}" for s in option_strings if s.startswith("--no-")]
+        super().__init__([*option_strings, *positive], dest, nargs=0, default=default, required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string.startswith("--no-"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
 
 
 class _ListAction(argparse.Action):

@@ -23,11 +23,14 @@ import hashlib
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ldtok.config import check_range
+from ldtok.config_cli import add_config_arguments, config_from_args
 from ldtok.errors import LdtokError
 from ldtok.models.loading import checkpoint_model_dir
 from ldtok.models.shapes import check_resolution
@@ -48,22 +51,48 @@ def image_file_name(sample_id: str) -> str:
     return name if name.endswith(".png") else name + ".png"
 
 
+@dataclass
+class DecodeOptions:
+    """What `ldtok decode` decodes, with which model, and where to.
+
+    Args:
+        shards (`str`): shard directory with an index.json (from `ldtok encode`).
+        out (`str`): output folder for the PNGs.
+        model (`str`, *optional*): the tokenizer directory the shards were encoded with (the one index.json
+            records, relative to the shard directory, its weights hash checked, when left out).
+        limit (`int`, *optional*): decode only the first N samples (in index order).
+        grid (`bool`, defaults to `False`): also write grid.png of the first `grid_size` images.
+        grid_size (`int`, defaults to 64): images in the grid, 8 per row.
+        sample (`bool`, defaults to `False`): KL: decode a posterior sample instead of the mean.
+        seed (`int`, defaults to 0): noise seed for `sample`.
+        flipped (`bool`, defaults to `False`): decode the stored `*_flip` latents (files `*-flip.png`).
+        batch_size (`int`, defaults to 16): samples per decoder forward.
+        device (`str`, *optional*): torch device (cuda if available, else cpu, when left out).
+        force (`bool`, defaults to `False`): decode with a model other than the one the shards were encoded with (a
+            warning only).
+    """
+
+    shards: str
+    out: str
+    model: str | None = None
+    limit: int | None = None
+    grid: bool = False
+    grid_size: int = 64
+    sample: bool = False
+    seed: int = 0
+    flipped: bool = False
+    batch_size: int = 16
+    device: str | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        check_range(self, "limit", ge=0)
+        check_range(self, "grid_size", gt=0)
+        check_range(self, "batch_size", gt=0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("shards", help="shard directory with an index.json (from `ldtok encode`)")
-    parser.add_argument("--model", help="the tokenizer directory the shards were encoded with (default: the one "
-                                        "index.json records, relative to the shard directory; its weights hash is "
-                                        "checked)")
-    parser.add_argument("--out", required=True, help="output folder for the PNGs")
-    parser.add_argument("--limit", type=int, help="decode only the first N samples (in index order)")
-    parser.add_argument("--grid", action="store_true", help="also write grid.png of the first --grid-size images")
-    parser.add_argument("--grid-size", type=int, default=64, help="images in the grid, 8 per row")
-    parser.add_argument("--sample", action="store_true", help="KL: decode a posterior sample instead of the mean")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed for --sample")
-    parser.add_argument("--flipped", action="store_true", help="decode the stored *_flip latents (files *-flip.png)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--force", action="store_true",
-                        help="decode with a model other than the one the shards were encoded with (a warning only)")
+    add_config_arguments(parser, DecodeOptions, positional=("shards",))
 
 
 def _grid(images: list[Tensor], *, columns: int = 8):
@@ -105,6 +134,7 @@ def check_same_model(model, model_dir: Path, manifest: dict, shard_dir: Path, *,
 
 
 def run(args: argparse.Namespace) -> int:
+    options = config_from_args(DecodeOptions, args, positional=("shards",))  # checked before anything is read
     from safetensors import safe_open
 
     from ldtok.atomic import write_json_atomic
@@ -113,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from ldtok.shards import load_manifest, resolve_model
     from ldtok.shards.verify import index_problems
 
-    shard_dir, out_dir = Path(args.shards), Path(args.out)
+    shard_dir, out_dir = Path(options.shards), Path(options.out)
     try:
         manifest = load_manifest(shard_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -122,26 +152,26 @@ def run(args: argparse.Namespace) -> int:
     problems = index_problems(manifest)
     if problems:
         raise LdtokError(f"{shard_dir}: {problems[0]}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.model is None:  # the recorded model, found relative to the shards and checked by its weights hash
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if options.model is None:  # the recorded model, found relative to the shards and checked by its weights hash
         model_dir = resolve_model(shard_dir, manifest=manifest)
     else:
-        model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
+        model_dir = checkpoint_model_dir(Path(options.model).expanduser().resolve())
     model = load_tokenizer(model_dir, device=device)
-    check_same_model(model, model_dir, manifest, shard_dir, force=args.force)
+    check_same_model(model, model_dir, manifest, shard_dir, force=options.force)
     resolution = manifest["metadata"].get("resolution")
     if resolution is not None:
         check_resolution(int(resolution), model.downsample_factor, what=f"the shards' resolution ({shard_dir})")
     names = list(model.latent.fields)
-    if model.latent.gaussian and not args.sample:
+    if model.latent.gaussian and not options.sample:
         names = ["mean"]
-    suffix = "_flip" if args.flipped else ""
+    suffix = "_flip" if options.flipped else ""
     missing = [n + suffix for n in names if n + suffix not in (manifest["fields"] or {})]
     if missing:
         raise LdtokError(f"{shard_dir} stores no {missing}")
 
-    generator = torch.Generator().manual_seed(args.seed) if args.sample else None
-    limit = args.limit if args.limit is not None else manifest["totals"]["num_samples"]
+    generator = torch.Generator().manual_seed(options.seed) if options.sample else None
+    limit = options.limit if options.limit is not None else manifest["totals"]["num_samples"]
     files: dict[str, str] = {}  # sample id -> file name
     used: set[str] = set()
     grid: list[Tensor] = []
@@ -154,24 +184,24 @@ def run(args: argparse.Namespace) -> int:
         with safe_open(str(shard_dir / rec["file"]), framework="pt") as f:
             ids = json.loads(f.metadata()["ids"])
             n = min(len(ids), limit - len(files))
-            for lo in range(0, n, args.batch_size):
-                hi = min(lo + args.batch_size, n)
+            for lo in range(0, n, options.batch_size):
+                hi = min(lo + options.batch_size, n)
                 rows = {name: f.get_slice(name + suffix)[lo:hi] for name in names}
-                images = model.decode_fields(rows, sample=args.sample, generator=generator)
+                images = model.decode_fields(rows, sample=options.sample, generator=generator)
                 for sample_id, image in zip(ids[lo:hi], images.float().cpu()):
                     name = image_file_name(sample_id)
                     if name in used:  # ids "a" and "a.png" would both be a.png
                         name = f"{name.removesuffix('.png')}-{_id_hash(sample_id)}.png"
                     used.add(name)
-                    if args.flipped:
+                    if options.flipped:
                         name = name.removesuffix(".png") + "-flip.png"
                     save_image_atomic(to_pil(image), out_dir / name)
                     files[sample_id] = name
-                    if args.grid and len(grid) < args.grid_size:
+                    if options.grid and len(grid) < options.grid_size:
                         grid.append(image)
     write_json_atomic(out_dir / "decoded.json", {"shards": str(shard_dir.resolve()), "model": str(model_dir),
-                                                 "sample": args.sample, "flipped": args.flipped, "files": files})
-    if args.grid and grid:
+                                                 "sample": options.sample, "flipped": options.flipped, "files": files})
+    if options.grid and grid:
         save_image_atomic(_grid(grid), out_dir / "grid.png")
     print(f"decoded {len(files)} samples of {shard_dir} into {out_dir}" + (" (+ grid.png)" if grid else ""))
     return 0

@@ -40,73 +40,42 @@ only: SDXL-style pipelines combine `latents_mean`/`latents_std` *with* `scaling_
 twice.
 """
 
-
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
+from ldtok.commands.data_args import RENAME as DATA_RENAME
+from ldtok.commands.data_args import SHARED as DATA_SHARED
 from ldtok.commands.data_args import add_data_arguments
+from ldtok.config_cli import add_config_arguments
+from ldtok.config_cli import config_from_args as _config_from_args
 from ldtok.data import DataConfig
 from ldtok.encoding import EncodeConfig, EncodeResult, encode_dataset
-from ldtok.encoding.config import AUTOCAST_CHOICES, CROPS, LATENT_CONVENTIONS, STORED_DTYPES
 from ldtok.encoding.statistics import SCALING_KEYS
 
-
-def _default(name: str):
-    """`EncodeConfig`'s default for a flag: defaults are stated once, in the dataclass."""
-    return next(f.default for f in dataclasses.fields(EncodeConfig) if f.name == name)
+# the `DataConfig` fields `ldtok encode` has flags for: the shared data flags and the stored columns
+DATA_ONLY = ("label_column", "caption_column", "on_bad_image")
+DATA_FIELDS = (*DATA_SHARED, *DATA_ONLY)
+# EncodeConfig's dotted `data.*` keys -> their flags (`data.source` -> `--data-source`, `data.split` -> `--split`)
+RENAME = {f"data.{key}": DATA_RENAME.get(key, key.replace("_", "-")) for key in DATA_FIELDS}
+ENCODING = tuple(f.name for f in dataclasses.fields(EncodeConfig) if f.name not in ("model", "out", "data"))
+FLAGS = ("model", "out", *RENAME, *ENCODING)  # every EncodeConfig key that has a flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="tokenizer directory (AutoencoderKL, VQModel or VQVAE2)")
-    parser.add_argument("--out", required=True, help="shard directory (created; a rerun resumes in it)")
+    """One flag per `EncodeConfig` field (`data.*` as the data flags `ldtok eval` shares); defaults and help come
+    from the dataclasses."""
+    add_config_arguments(parser, EncodeConfig, only=("model", "out"))
     data = add_data_arguments(parser, split_default="train", split_help="split to encode", verb="encode")
-    data.add_argument("--label-column", help="integer class column, stored as `label`")
-    data.add_argument("--caption-column", help="text column, stored as captions")
-    data.add_argument("--on-bad-image", choices=["skip", "error"], default=DataConfig.on_bad_image,
-                      help="skip (record the id as skipped) or stop on an undecodable image")
-    enc = parser.add_argument_group("encoding")
-    enc.add_argument("--resolution", type=int, default=_default("resolution"),
-                     help="side of the square images fed to the encoder")
-    enc.add_argument("--crop", choices=CROPS, default=_default("crop"),
-                     help="center: shorter side to R, then the center square; resize: the whole image squashed")
-    enc.add_argument("--flip", action="store_true", help="also store the flipped image's latents as *_flip fields")
-    enc.add_argument("--dtype", choices=sorted(STORED_DTYPES), default=_default("dtype"),
-                     help="stored dtype of KL latents")
-    enc.add_argument("--autocast", choices=AUTOCAST_CHOICES, default=_default("autocast"),
-                     help="compute the encoder under autocast in this dtype (quantizers stay in fp32); auto: bf16 "
-                          "where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else no. "
-                          "Latents then match fp32 up to bf16 rounding; `no` for bit-exact fp32 latents")
-    enc.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=_default("channels_last"),
-                     help="the model and the images in channels-last memory format (faster convolutions)")
-    enc.add_argument("--compile", action="store_true",
-                     help="torch.compile the encoder (a one-time cost that pays off on large datasets)")
-    enc.add_argument("--batch-size", type=int, default=_default("batch_size"), help="images per forward, per process")
-    enc.add_argument("--samples-per-shard", type=int, default=_default("samples_per_shard"),
-                     help="items per shard; a multiple of --batch-size")
-    enc.add_argument("--num-workers", type=int, default=_default("num_workers"), help="DataLoader workers per process")
-    enc.add_argument("--write-scaling-factor", action="store_true",
-                     help="KL: write the latent scale into the model's config.json (see --latent-convention)")
-    enc.add_argument("--latent-convention", choices=LATENT_CONVENTIONS, default=_default("latent_convention"),
-                     help="sd: scaling_factor = 1/sqrt(E[z^2]), no shift_factor (StableDiffusionPipeline: latents = "
-                          "z * scaling_factor); sd3: shift_factor = mean, scaling_factor = 1/std (SD3/Flux: latents = "
-                          "(z - shift_factor) * scaling_factor). index.json and the shard readers follow it")
-    enc.add_argument("--overwrite", action="store_true",
-                     help="remove the shards, parts and index.json already in --out (of any model) and start afresh")
-    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(data, DataConfig, only=DATA_ONLY)
+    add_config_arguments(parser.add_argument_group("encoding (EncodeConfig)"), EncodeConfig, only=ENCODING)
 
 
 def config_from_args(args: argparse.Namespace) -> EncodeConfig:
-    """The `EncodeConfig` the flags describe (one field per flag; the data flags as its `DataConfig`)."""
-    data = DataConfig(
-        source=args.data_source, path=args.data_path, name=args.data_name, subset=args.data_subset, split=args.split,
-        image_column=args.image_column, label_column=args.label_column, caption_column=args.caption_column,
-        streaming=args.streaming, max_samples=args.max_samples, cache_dir=args.cache_dir,
-        on_bad_image=args.on_bad_image,
-    )  # fmt: skip
-    names = {f.name for f in dataclasses.fields(EncodeConfig)} - {"data"}
-    return EncodeConfig(data=data, **{name: getattr(args, name) for name in names})
+    """The `EncodeConfig` the flags describe (one field per flag; the data flags as its `DataConfig`), validated as a
+    YAML config is: a bad value is a one-line `ConfigError` naming the flag (exit code 2)."""
+    return _config_from_args(EncodeConfig, args, only=FLAGS, rename=RENAME)
 
 
 def summary_lines(result: EncodeResult) -> list[str]:

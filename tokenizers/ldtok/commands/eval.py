@@ -26,7 +26,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ldtok.commands.data_args import add_data_arguments, build_dataset_or_error, data_config_from_args
@@ -40,9 +40,26 @@ DEFAULT_SPLIT = {"default": "validation", "folder": "train", "hf": "validation",
                  "digits": "validation"}
 
 
+@dataclass
+class EvalTarget:
+    """Which model `ldtok eval` evaluates, where its report goes, and how it runs (next to `EvalOptions`).
+
+    Args:
+        model (`str`): tokenizer directory (AutoencoderKL, VQModel or VQVAE2).
+        out (`str`): report directory, created if missing (files of the same name replaced).
+        feature_net (`str`, *optional*): rFID features from `FILE.py:FACTORY` or `MODULE:FACTORY` (a
+            `FeatureExtractor`) instead of the FID Inception, for tests.
+        cpu (`bool`, defaults to `False`): run on the CPU even when a GPU is available.
+    """
+
+    model: str
+    out: str
+    feature_net: str | None = None
+    cpu: bool = False
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="tokenizer directory (AutoencoderKL, VQModel or VQVAE2)")
-    parser.add_argument("--out", required=True, help="report directory (created; files of the same name replaced)")
+    add_config_arguments(parser, EvalTarget, only=("model", "out"))
     data = add_data_arguments(
         parser, split_default=None, verb="evaluate",
         split_help="split to evaluate; default: validation (default, hf, webdataset), train for a folder (HF's name "
@@ -52,9 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "resolution": "side of the square center crops; default 128 for the default dataset (its crop size), else 256",
         "label_column": "integer class column (latent arithmetic uses group means by label)"})
     ev = add_config_arguments(parser.add_argument_group("evaluation (EvalOptions)"), EvalOptions)
-    ev.add_argument("--feature-net", metavar="FILE.py:FACTORY|MODULE:FACTORY",
-                    help="rFID features from FACTORY() (a FeatureExtractor) instead of the FID Inception; for tests")
-    ev.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is available")
+    add_config_arguments(ev, EvalTarget, only=("feature_net", "cpu"))
 
 
 def load_feature_net(spec: str):
@@ -106,13 +121,14 @@ def run(args: argparse.Namespace) -> int:
 
     # every flag is checked before any model or data is loaded
     options = config_from_args(EvalOptions, args)
+    target = config_from_args(EvalTarget, args)
     source = args.data_source
     config = data_config_from_args(
         args, split=args.split or DEFAULT_SPLIT.get(source, "validation"), label_column=args.label_column,
         resolution=args.resolution if args.resolution is not None else (128 if source == "default" else 256),
     )
-    accelerator = Accelerator(cpu=args.cpu)
-    model_dir = checkpoint_model_dir(Path(args.model).expanduser().resolve())
+    accelerator = Accelerator(cpu=target.cpu)
+    model_dir = checkpoint_model_dir(Path(target.model).expanduser().resolve())
     model = load_tokenizer(str(model_dir), device=accelerator.device)
     config = replace(config, channels=tokenizer_in_channels(model))
     if hasattr(model, "downsample_factor"):
@@ -121,11 +137,11 @@ def run(args: argparse.Namespace) -> int:
         check_resolution(config.resolution, model.downsample_factor)
     with accelerator.main_process_first():  # the embedded dataset / HF cache is built once, by the main process
         dataset = build_dataset_or_error(config)
-    feature_net = load_feature_net(args.feature_net) if args.feature_net and options.fid != "off" else None
+    feature_net = load_feature_net(target.feature_net) if target.feature_net and options.fid != "off" else None
     result = evaluate_tokenizer(model, dataset, accelerator=accelerator, options=options, feature_net=feature_net)
     if accelerator.is_main_process:
         info = {"path": str(model_dir), "kind": result.kind, "config_sha256": model.config_sha256()}
-        paths = write_report(result, args.out, model=info, dataset=asdict(config))
+        paths = write_report(result, target.out, model=info, dataset=asdict(config))
         print_summary(result, paths)
     accelerator.wait_for_everyone()
     destroy()

@@ -8,9 +8,8 @@ from typing import Literal
 
 import torch
 
-from ..config import check_choice, check_range
+from ..config import check_choice, check_range, invalid
 from ..data import DataConfig
-from ..errors import LdtokError
 
 STORED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,29 +26,30 @@ class EncodeConfig:
     Args:
         model (`str`): tokenizer directory (`AutoencoderKL`, `VQModel`, `QuantizedAutoencoder` or `VQVAE2`), or a
             training checkpoint holding a `diffusers/` export.
-        out (`str`): shard directory (created; a rerun resumes in it).
+        out (`str`): shard directory, created if missing (a rerun resumes in it).
         data (`DataConfig`): the dataset (`source`, `path`, `name`, `subset`, `split` (defaults to `"train"`),
             `image_column`, `label_column` (stored as `label`), `caption_column` (stored as captions), `streaming`,
             `max_samples`, `cache_dir`, `on_bad_image`: `skip` records the id as skipped, `error` stops). Its
             `resolution`, `crop`, `flip`, `num_workers` and `channels` are set from this config and the model.
         resolution (`int`, defaults to 256): side of the square images fed to the encoder.
-        crop (`"center"` or `"resize"`, defaults to `"center"`): center: shorter side to R, then the center square;
-            resize: the whole image squashed to R x R.
+        crop (`"center"` or `"resize"`, defaults to `"center"`): center (the shorter side to R, then the center
+            square) or resize (the whole image squashed to R x R).
         flip (`bool`, defaults to `False`): also store the flipped image's latents as `*_flip` fields.
         dtype (`"fp16"`, `"bf16"` or `"fp32"`, defaults to `"fp32"`): stored dtype of KL latents.
         autocast (`"auto"`, `"no"`, `"fp16"` or `"bf16"`, defaults to `"auto"`): compute the encoder under autocast in
-            this dtype (quantizers stay in fp32); auto: bf16 where the device runs it natively (CUDA with bf16, CPUs
-            with AVX512-BF16/AMX), else no. `no` for bit-exact fp32 latents.
+            this dtype, quantizers staying in fp32 (auto: bf16 where the device runs it natively, CUDA with bf16 or
+            CPUs with AVX512-BF16/AMX, else no). Latents then match fp32 up to bf16 rounding; `no` for bit-exact
+            fp32 latents.
         channels_last (`bool`, defaults to `True`): the model and the images in channels-last memory format.
         compile (`bool`, defaults to `False`): `torch.compile` the encoder (pays off on large datasets).
         batch_size (`int`, defaults to 32): images per forward, per process.
-        samples_per_shard (`int`, defaults to 1024): items per shard; a multiple of `batch_size`.
+        samples_per_shard (`int`, defaults to 1024): items per shard, a multiple of `batch_size`.
         num_workers (`int`, defaults to 2): DataLoader workers per process (streaming: at most 1, to keep the order).
         write_scaling_factor (`bool`, defaults to `False`): KL: write the latent scale into the model's `config.json`
             (see `latent_convention`).
-        latent_convention (`"sd"` or `"sd3"`, defaults to `"sd"`): sd: `scaling_factor = 1/sqrt(E[z^2])`, no
-            `shift_factor`; sd3: `shift_factor` = mean, `scaling_factor` = 1/std. `index.json` and the
-            readers follow it.
+        latent_convention (`"sd"` or `"sd3"`, defaults to `"sd"`): the scale written by `write_scaling_factor`, sd
+            (Stable Diffusion: `scaling_factor = 1/sqrt(E[z^2])`, no `shift_factor`) or sd3 (SD3 / Flux:
+            `shift_factor` = mean, `scaling_factor` = 1/std). `index.json` and the shard readers follow it.
         overwrite (`bool`, defaults to `False`): remove the shards, parts and `index.json` already in `out` (of any
             model) and start afresh.
         no_progress (`bool`, defaults to `False`): no progress bar.
@@ -80,10 +80,11 @@ class EncodeConfig:
         check_choice(self, "latent_convention", LATENT_CONVENTIONS)
         check_range(self, "resolution", gt=0)
         check_range(self, "num_workers", ge=0)
-        B, S = self.batch_size, self.samples_per_shard
-        if B < 1 or S < 1 or S % B:
-            raise LdtokError(f"--samples-per-shard ({S}) must be a positive multiple of --batch-size ({B})",
-                             exit_code=2)
+        check_range(self, "batch_size", gt=0)
+        check_range(self, "samples_per_shard", gt=0)
+        if self.samples_per_shard % self.batch_size:
+            raise invalid("samples_per_shard", f"must be a positive multiple of --batch-size ({self.batch_size}), "
+                                               f"got {self.samples_per_shard}")
 
     @property
     def stored_dtype(self) -> torch.dtype:
