@@ -109,8 +109,10 @@ def test_baseline_and_ldtok_steps_compute_the_same_losses(tmp_path, preset):
         a = ours(x, 1)
         torch.manual_seed(1)
         b = baseline(x, 1)
-        assert a.generator.item() == pytest.approx(b.generator.item(), rel=1e-5)
-        assert a.discriminator.item() == pytest.approx(b.discriminator.item(), rel=1e-5)
+        # after one Adam step: the one-backward gradients differ from the two-pass ones by float rounding, and
+        # Adam's first update (about lr * sign(g)) turns that into ~1e-5 relative changes of the loss with 1 thread
+        assert a.generator.item() == pytest.approx(b.generator.item(), rel=1e-4)
+        assert a.discriminator.item() == pytest.approx(b.discriminator.item(), rel=1e-4)
 
 
 def test_families_without_a_diffusers_baseline_are_refused():
