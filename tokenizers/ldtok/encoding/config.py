@@ -50,6 +50,10 @@ class EncodeConfig:
         latent_convention (`"sd"` or `"sd3"`, defaults to `"sd"`): the scale written by `write_scaling_factor`, sd
             (Stable Diffusion: `scaling_factor = 1/sqrt(E[z^2])`, no `shift_factor`) or sd3 (SD3 / Flux:
             `shift_factor` = mean, `scaling_factor` = 1/std). `index.json` and the shard readers follow it.
+        write_latent_stats (`bool`, defaults to `False`): KL: as `write_scaling_factor`, and also the per-channel
+            `latents_mean` / `latents_std` (lists of length C, over the data) into the model's `config.json`, for
+            pipelines that normalize each channel (SDXL's decode: `latents * latents_std / scaling_factor +
+            latents_mean`); leave it off for a prior trained on `z * scaling_factor` alone.
         overwrite (`bool`, defaults to `False`): remove the shards, parts and `index.json` already in `out` (of any
             model) and start afresh.
         no_progress (`bool`, defaults to `False`): no progress bar.
@@ -70,6 +74,7 @@ class EncodeConfig:
     num_workers: int = 2
     write_scaling_factor: bool = False
     latent_convention: Literal["sd", "sd3"] = "sd"
+    write_latent_stats: bool = False
     overwrite: bool = False
     no_progress: bool = False
 
@@ -106,7 +111,8 @@ class EncodeResult:
         world_size (`int`): processes.
         resumed_items (`int`): items of rank 0's sequence already in complete shards when the run started.
         manifest (`dict`, *optional*): `index.json` as written (main process; `None` on the others).
-        scaling_written (`dict`, *optional*): `scaling_factor` / `shift_factor` written into the model's config.
+        scaling_written (`dict`, *optional*): `scaling_factor` / `shift_factor` (and, with `write_latent_stats`,
+            `latents_mean` / `latents_std`) written into the model's config.
     """
 
     out_dir: Path

@@ -249,9 +249,10 @@ def encode_dataset(config: EncodeConfig, *, log: Callable[[str], None] = _stderr
     model = load_tokenizer(str(model_dir), device=state.device)
     latent = model.latent  # a family without a shard format stops here
     check_resolution(config.resolution, model.downsample_factor)
-    if config.write_scaling_factor and not latent.gaussian:
-        raise LdtokError("--write-scaling-factor needs a KL model (VQ models store indices, which are not scaled)",
-                         exit_code=2)
+    for flag, on in (("--write-scaling-factor", config.write_scaling_factor),
+                     ("--write-latent-stats", config.write_latent_stats)):
+        if on and not latent.gaussian:
+            raise LdtokError(f"{flag} needs a KL model (VQ models store indices, which are not scaled)", exit_code=2)
     data_config, dataset = _build_dataset(config, model)
     num_items = None if data_config.streaming else len(dataset)
     metadata = _metadata(model, tokenizer_sha256(model_dir), config, data_config, num_items)
@@ -272,8 +273,9 @@ def encode_dataset(config: EncodeConfig, *, log: Callable[[str], None] = _stderr
     if not state.is_main_process:
         return result
     result.manifest = _write_index(config, model, model_dir, metadata, data_config, state.num_processes)
-    if config.write_scaling_factor:
+    if config.write_scaling_factor or config.write_latent_stats:
         if not result.manifest["stats"]:
             raise LdtokError("no latent statistics (fewer than 2 latent values?): nothing to write")
-        result.scaling_written = write_latent_statistics(model_dir, result.manifest["stats"])
+        result.scaling_written = write_latent_statistics(model_dir, result.manifest["stats"],
+                                                         per_channel=config.write_latent_stats)
     return result

@@ -49,18 +49,21 @@ def code_usage(out_dir: Path, *, world_size: int, fields: list[str], codebook_si
     return result
 
 
-def write_latent_statistics(model_dir: Path, stats: dict) -> dict:
+def write_latent_statistics(model_dir: Path, stats: dict, *, per_channel: bool = False) -> dict:
     """Write the manifest's KL scale into a diffusers `AutoencoderKL` `config.json`, atomically.
 
     Writes `scaling_factor` and `shift_factor` as `stats` states them for its `convention` (`ChannelStats.result`):
     `sd`: 1 / RMS and `None` (diffusers' default, which SD pipelines ignore anyway); `sd3`: 1 / std and the mean.
-    Returns the values written.
+    `per_channel`: also `latents_mean` / `latents_std`, the per-channel mean and std of the unscaled latents
+    (`AutoencoderKL`'s config keys, read by SDXL-family pipelines when both are set). Returns the values written.
     """
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
     if config.get("_class_name") != "AutoencoderKL":
         raise LdtokError(f"{path} is a {config.get('_class_name')!r} config, not AutoencoderKL's")
     values = {key: stats[key] for key in SCALING_KEYS}
+    if per_channel:
+        values.update(latents_mean=list(stats["channel_mean"]), latents_std=list(stats["channel_std"]))
     config.update(values)
     write_bytes_atomic(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())  # diffusers' format
     return values

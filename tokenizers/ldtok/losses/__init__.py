@@ -3,6 +3,7 @@
 - `config.py`: `LossConfig` (weights and switches, validated: an out-of-range value or an unknown choice is a
   `ConfigError` naming the key).
 - `autoencoder.py`: `AutoencoderLoss` (`generator_loss`, `discriminator_loss`), `build_loss`, `build_discriminator`.
+- `shaping.py`: the latent-shaping terms of the generator loss (EQ-VAE equivariance, VA-VAE alignment).
 
 Scaling convention: every term is a per-pixel mean. Reconstruction and perceptual are means over pixels; the KL term is
 LDM's per-sample KL sum (nats, summed over latent channels and positions, averaged over the batch) divided by the

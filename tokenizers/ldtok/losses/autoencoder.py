@@ -18,9 +18,12 @@ from ldtok.outputs import AutoencoderOutput, QuantizerOutput
 from ldtok.perceptual import build_perceptual
 
 from .config import LossConfig
+from .shaping import shaping_terms
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from ldtok.shaping.equivariance import SpatialTransform
 
 
 def build_discriminator(config: LossConfig) -> PatchDiscriminator:
@@ -92,6 +95,8 @@ class AutoencoderLoss(nn.Module):
         posterior: DiagonalGaussianDistribution | None = None,
         quant: QuantizerOutput | list[QuantizerOutput] | None = None,
         output: AutoencoderOutput | None = None,
+        transform: SpatialTransform | None = None,
+        alignment: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The autoencoder's loss.
 
@@ -108,14 +113,19 @@ class AutoencoderLoss(nn.Module):
             quant (`QuantizerOutput` or a list of them, *optional*): VQ models' quantizer outputs.
             output (`AutoencoderOutput`, *optional*): the model's whole output, for the terms that need more than
                 the reconstruction: `logits` (`bce`), `latents` (sparsity), `contractive`, `kl_maps` (hierarchical
-                VAEs, one KL per level with free bits per level).
+                VAEs, one KL per level with free bits per level), `equivariant_sample` (EQ-VAE).
+            transform (`SpatialTransform`, *optional*): the batch's EQ-VAE transform, when `output` holds the
+                decoding of the transformed latent (`loss.equivariance_weight`).
+            alignment (`tuple[Tensor, Tensor]`, *optional*): `(projected latent, frozen features)`, both
+                `(B, D, h, w)`, for the alignment term (`loss.align_weight`).
 
         Returns:
             `(loss, terms)`: the scalar loss to backpropagate, and detached scalars for logging: `loss`, `rec`,
             `perceptual`, `nll`, `kl` (free-bits KL per image value, unweighted), `kl_nats` (raw per-sample KL),
             `quant` (unweighted sum of the quantizer losses), `gan` (unweighted generator GAN loss) and
             `adaptive_weight` (the GAN term's weight, `disc_weight` included), `kl_<level>` (hierarchical KL per
-            level, nats), `sparsity`, `contractive` (unweighted); only the keys that apply.
+            level, nats), `sparsity`, `contractive`, `equivariance`, `align_cos`, `align_dist` (unweighted); only
+            the keys that apply.
         """
         cfg = self.config
         _, C, H, W = x.shape
@@ -132,6 +142,8 @@ class AutoencoderLoss(nn.Module):
         terms["nll"] = nll
         rest = self._latent_terms(terms, step=step, num_values=C * H * W, posterior=posterior, quant=quant,
                                   output=output)
+        rest = rest + shaping_terms(cfg, self.perceptual, x, output=output, transform=transform, alignment=alignment,
+                                    terms=terms)
 
         loss = nll + rest
         if self.disc_active(step):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ldtok import regularizers as reg
-from ldtok.config import check_choice, check_range
+from ldtok.config import check_choice, check_range, invalid
 from ldtok.perceptual import PERCEPTUAL_NETS
 
 NON_NEGATIVE = ("rec_weight", "perceptual_weight", "disc_weight", "disc_start", "adaptive_weight_max", "lecam_weight",
@@ -54,6 +54,21 @@ class LossConfig:
         contractive_weight (`float`, 0), contractive_samples (`int`, 1): the contractive penalty, the per-sample
             squared Frobenius norm of the encoder's Jacobian, estimated in the model's forward with this many random
             projections (`ldtok.regularizers.jacobian_frobenius_sq`).
+        equivariance_weight (`float`, defaults to 0.0): EQ-VAE: weight of `(rec_weight * rec + perceptual_weight *
+            perceptual)(D(T(z)), T(x))` for a random spatial transform `T` (`ldtok.shaping.equivariance`); 0 is off.
+            KL, VQGAN and VQ-VAE-2 models.
+        equivariance_prob (`float`, defaults to 0.5): probability per batch that the term is on (the same draw on
+            every rank).
+        equivariance_transforms (`list[str]`, defaults to `["scale", "rotate", "flip"]`): the kinds `T` is drawn from.
+        equivariance_scales (`list[float]`, defaults to `[0.5, 0.75]`): the factors of the `scale` kind, in (0, 1).
+        align_weight (`float`, defaults to 0.0): weight of VA-VAE's VF loss, the marginal cosine plus distance-matrix
+            terms between a learned 1x1 projection of the latent and the frozen `align_model`'s patch features (0 is
+            off). The latent is KL's posterior mean, VQ's quantized latent, VQ-VAE-2's bottom level.
+        align_model (`str`, *optional*): local directory of a `transformers` ViT-style vision model (e.g. a saved
+            DINOv2); required when `align_weight > 0`; never downloaded, never trained, never checkpointed.
+        align_margin_cos (`float`, defaults to 0.5): VA-VAE's margin m1 of the cosine term (similarities above
+            `1 - m1` are not pushed further; `ldtok.shaping.alignment.alignment_terms`).
+        align_margin_dist (`float`, defaults to 0.25): VA-VAE's margin m2 of the distance-matrix term.
     """
 
     reconstruction: Literal["l1", "l2", "bce"] = "l1"
@@ -83,6 +98,14 @@ class LossConfig:
     sparsity_target: float = 0.05
     contractive_weight: float = 0.0
     contractive_samples: int = 1
+    equivariance_weight: float = 0.0
+    equivariance_prob: float = 0.5
+    equivariance_transforms: list[str] = field(default_factory=lambda: ["scale", "rotate", "flip"])
+    equivariance_scales: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    align_weight: float = 0.0
+    align_model: str | None = None
+    align_margin_cos: float = 0.5
+    align_margin_dist: float = 0.25
 
     def __post_init__(self):
         self.validate()
@@ -104,6 +127,30 @@ class LossConfig:
             check_range(self, name, gt=0)
         check_range(self, "lecam_decay", ge=0.0, lt=1.0)
         reg.validate_classic(self)
+        self._validate_shaping()
+
+    def _validate_shaping(self) -> None:
+        from ldtok.shaping.equivariance import TRANSFORM_KINDS
+
+        for name in ("equivariance_weight", "align_weight", "align_margin_cos", "align_margin_dist"):
+            check_range(self, name, ge=0)
+        check_range(self, "equivariance_prob", ge=0, le=1)
+        self.equivariance_transforms = list(self.equivariance_transforms)
+        self.equivariance_scales = [float(s) for s in self.equivariance_scales]
+        unknown = [k for k in self.equivariance_transforms if k not in TRANSFORM_KINDS]
+        if not self.equivariance_transforms or unknown:
+            raise invalid("equivariance_transforms", f"needs a non-empty subset of {list(TRANSFORM_KINDS)}, got "
+                                                     f"{self.equivariance_transforms}")
+        if not self.equivariance_scales or not all(0 < s < 1 for s in self.equivariance_scales):
+            raise invalid("equivariance_scales", f"needs factors in (0, 1), got {self.equivariance_scales}")
+        if self.align_weight > 0 and not self.align_model:
+            raise invalid("align_model", "is required when loss.align_weight > 0 (a local transformers model "
+                                         "directory, e.g. a saved DINOv2)")
+
+    @property
+    def shaping_on(self) -> bool:
+        """Whether a latent-shaping term (equivariance, alignment) is on."""
+        return self.equivariance_weight > 0 or self.align_weight > 0
 
 
 __all__ = ["LossConfig"]

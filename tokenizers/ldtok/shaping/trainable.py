@@ -8,6 +8,8 @@ running statistics do not move either.
 
 from __future__ import annotations
 
+import types
+
 from torch import nn
 
 TRAINABLE = ("all", "decoder", "encoder")
@@ -42,12 +44,21 @@ def frozen_modules(model: nn.Module, trainable: str) -> list[nn.Module]:
     return out
 
 
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
 def apply_trainable(model: nn.Module, trainable: str) -> list[nn.Module]:
-    """Freeze the side `trainable` leaves out (`requires_grad_(False)`, eval mode); return the frozen modules,
-    which the trainer must put back in eval mode after every `model.train()`."""
+    """Freeze the side `trainable` leaves out (`requires_grad_(False)`, eval mode); return the frozen modules.
+
+    Each frozen module's `train` is replaced by one that keeps it (and its children) in eval mode, so every later
+    `model.train()` (the loop's, after a validation's `eval()`, a deep copy's such as the weight EMA) leaves it in
+    eval: a frozen quantizer's EMA codebook, dropout and running statistics never move.
+    """
     frozen = frozen_modules(model, trainable)
     for module in frozen:
         module.requires_grad_(False)
+        module.train = types.MethodType(_stay_in_eval, module)
         module.eval()
     return frozen
 

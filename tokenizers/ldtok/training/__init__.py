@@ -6,6 +6,8 @@
   and `Task`, what a trainer brings to it (its models, optimizers, step, exports).
 - `autoencoder.py`: `AutoencoderStep`, the autoencoder's losses of one step (also run by the training benchmark).
 - `trainer.py`: `train(config)`, the autoencoder trainer of `train/vae.py` and `train/vq.py`.
+- `shaping.py`: its latent-shaping options (issue 13): per-batch noise, masks and EQ-VAE transforms (`BatchShaping`),
+  the alignment model and projection (`Alignment`), and the families that have them.
 - `summary.py`: the final export, `summary.json` and `summary_lines`.
 
 The priors' tasks live in `ldtok.priors` (`diffusion_trainer.py`, `transformer_trainer.py`).

@@ -6,6 +6,7 @@ or with a GradScaler) and tests all run the same step:
 
     ae_step = AutoencoderStep(model=model, loss_fn=loss_fn, disc=disc)   # model, disc: as prepared (DDP-wrapped)
     gen = ae_step.generator(x, step=step)                                # forward through `model`
+    # latent shaping: gen = ae_step.generator(x, step=step, x_in=masked, shaping=LatentShaping(...))
     update(gen.loss, opt_g, model)
     if (d := ae_step.discriminator(x, gen, step=step)) is not None:      # forward through `disc`
         update(d.loss, opt_d, disc)
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 
 from ..losses import AutoencoderLoss
 from ..outputs import AutoencoderOutput
+from ..shaping.options import LatentShaping
+from .shaping import Alignment
 
 
 @dataclass
@@ -53,22 +56,29 @@ class AutoencoderStep:
         disc (`nn.Module`, *optional*): the discriminator being trained, as prepared; needed once the GAN is on.
     """
 
-    def __init__(self, *, model: nn.Module, loss_fn: AutoencoderLoss, disc: nn.Module | None = None):
-        self.model, self.loss_fn, self.disc = model, loss_fn, disc
+    def __init__(self, *, model: nn.Module, loss_fn: AutoencoderLoss, disc: nn.Module | None = None,
+                 alignment: Alignment | None = None):
+        self.model, self.loss_fn, self.disc, self.alignment = model, loss_fn, disc, alignment
         self.last_layer = getattr(extract_model_from_parallel(model, keep_torch_compile=False), "last_layer", None)
 
-    def generator(self, x: Tensor, *, step: int, x_in: Tensor | None = None) -> LossStep:
+    def generator(self, x: Tensor, *, step: int, x_in: Tensor | None = None,
+                  shaping: LatentShaping | None = None) -> LossStep:
         """The autoencoder's (generator's) loss.
 
         Args:
             x (`Tensor` of shape `(B, C, H, W)`): the clean images in [-1, 1] (the target).
             step (`int`): the optimizer step (GAN start, KL schedule).
-            x_in (`Tensor`, *optional*): what the model sees (noisy in denoising mode); defaults to `x`.
+            x_in (`Tensor`, *optional*): what the model sees (noisy in denoising mode, masked); defaults to `x`.
+            shaping (`LatentShaping`, *optional*): the batch's latent noise and EQ-VAE transform, given to the
+                model's forward (KL, VQGAN, VQ-VAE-2).
         """
-        output = self.model(x if x_in is None else x_in)
+        x_in = x if x_in is None else x_in
+        output = self.model(x_in) if shaping is None else self.model(x_in, shaping=shaping)
+        alignment = self.alignment(x, output) if self.alignment is not None else None
         loss, terms = self.loss_fn.generator_loss(
             x, output.sample, discriminator=self.disc, last_layer=self.last_layer, step=step,
             posterior=output.posterior, quant=output.quant, output=output,
+            transform=shaping.transform if shaping is not None else None, alignment=alignment,
         )
         return LossStep(loss=loss, terms=terms, output=output)
 

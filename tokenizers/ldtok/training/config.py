@@ -14,6 +14,8 @@ from ..config import ConfigError, check_choice, check_range, invalid
 from ..data import DataConfig
 from ..losses import LossConfig
 from ..models import ModelConfig
+from ..shaping.corruption import SCHEDULES
+from ..shaping.trainable import TRAINABLE
 from ..trackers import resolve_report_to
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -117,6 +119,17 @@ class TrainConfig(TrainLoopConfig):
         grid_images (`int`): images in the reconstruction grid.
         push_to_hub (`bool`): upload `final/` (with its model card) to the Hub at the end of training.
         hub_repo_id (`str`, *optional*): the Hub repository (`user/name`) for `push_to_hub`.
+        latent_noise (`float`): l-DeTok: the decoder sees `z + σ·ε`, `σ ~ U[0, γ]` per sample, with this `γ`
+            (`ldtok.shaping.corruption`); 0 is off. KL, VQGAN and VQ-VAE-2 models.
+        latent_noise_schedule (`"constant"`, `"linear_decay"`, `"cosine_decay"` or `"linear_warmup"`): how `γ` goes
+            over `max_steps` (`ldtok.shaping.corruption.scheduled`).
+        mask_ratio (`float`): MAE/MAETok: this fraction of the input's patches is set to mid-grey before the encoder;
+            the loss is on the whole clean image. 0 is off, < 1.
+        mask_ratio_schedule (`str`): as `latent_noise_schedule`, for `mask_ratio`.
+        mask_patch_size (`int`): side of a masked patch in pixels; 0: the model's downsampling factor.
+        trainable (`"all"`, `"decoder"` or `"encoder"`): which half trains; `decoder` keeps the latent space
+            bit-identical (e.g. with `model.init_from` an existing `AutoencoderKL`). The frozen half (VQ: the codebook
+            with the encoder) is left out of the optimizer and stays in eval mode.
     """
 
     disc_lr: float | None = None
@@ -129,9 +142,21 @@ class TrainConfig(TrainLoopConfig):
     grid_images: int = 8
     push_to_hub: bool = False
     hub_repo_id: str | None = None
+    latent_noise: float = 0.0
+    latent_noise_schedule: Literal["constant", "linear_decay", "cosine_decay", "linear_warmup"] = "constant"
+    mask_ratio: float = 0.0
+    mask_ratio_schedule: Literal["constant", "linear_decay", "cosine_decay", "linear_warmup"] = "constant"
+    mask_patch_size: int = 0
+    trainable: Literal["all", "decoder", "encoder"] = "all"
 
     def __post_init__(self):
         super().__post_init__()
+        check_range(self, "latent_noise", ge=0)
+        check_range(self, "mask_ratio", ge=0, lt=1)
+        check_range(self, "mask_patch_size", ge=0)
+        check_choice(self, "latent_noise_schedule", SCHEDULES)
+        check_choice(self, "mask_ratio_schedule", SCHEDULES)
+        check_choice(self, "trainable", TRAINABLE)
         check_range(self, "checkpoint_every", gt=0)
         check_range(self, "disc_lr", ge=0)
         check_range(self, "input_noise_std", ge=0)

@@ -144,10 +144,13 @@ class TrainingLoop:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, module: nn.Module) -> torch.Tensor | None:
-        """Backpropagate `loss`, clip `module`'s gradients and step `optimizer`, skipping the step (on every rank) when
-        the loss or gradient norm is non-finite; returns the gradient norm (`None` while accumulating)."""
-        return self.guard.step(loss, optimizer, module.parameters(), max_grad_norm=self.tc.max_grad_norm)
+    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, module: nn.Module,
+               *more: nn.Module) -> torch.Tensor | None:
+        """Backpropagate `loss`, clip the gradients of `module` (and of the `more` modules `optimizer` also steps)
+        together and step `optimizer`, skipping the step (on every rank) when the loss or gradient norm is
+        non-finite; returns the gradient norm (`None` while accumulating)."""
+        parameters = [p for m in (module, *more) for p in m.parameters()]
+        return self.guard.step(loss, optimizer, parameters, max_grad_norm=self.tc.max_grad_norm)
 
     def resume(self, task: Task) -> Path | None:
         """Load `resume`'s checkpoint (checksums verified) into the prepared models, optimizers, the task's EMA and

@@ -31,7 +31,7 @@ def final_summary(loop: TrainingLoop, task: AutoencoderTask) -> dict:
         "peak_memory_mib": peak_memory_mib(accelerator.device),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "rank_checksums": all_gather_objects(weights_checksum(task.raw_model, task.raw_disc)),
+        "rank_checksums": all_gather_objects(weights_checksum(*task.weights.values())),
         "validation": task.last_val,
     }
     if loop.is_main:

@@ -27,12 +27,14 @@ from ..model_card import write_model_card
 from ..models import build_model
 from ..performance import adamw, memory_format
 from ..run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
+from ..shaping.trainable import apply_trainable, trainable_parameters
 from ..splits import plan_validation
 from ..trackers import log_images
 from ..validation import calibrate_latent_scale, validate
 from .autoencoder import AutoencoderStep
 from .config import RunConfig
 from .loop import Task, TrainingLoop
+from .shaping import Alignment, BatchShaping, check_shaping_family
 from .summary import final_summary, finished_summary
 
 logger = logging.getLogger("ldtok.training")
@@ -83,8 +85,16 @@ class AutoencoderTask(Task):
                             contractive_samples=contractive).to(memory_format=fmt)
         disc = build_discriminator(config.loss).to(memory_format=fmt)
         self.loss_fn = build_loss(config.loss, max_steps=tc.max_steps).to(device, memory_format=fmt)
+        apply_trainable(model, tc.trainable)  # the frozen half: no gradients, out of the optimizer, always eval
+        self.shaping = BatchShaping(config, downsample_factor=getattr(model, "downsample_factor", 1))
+        align_encoder, projection = None, None
+        if config.loss.align_weight > 0:
+            align_encoder, projection = Alignment.build(config.loss.align_model, model=model)
+            align_encoder.to(device)
+        extra = list(projection.parameters()) if projection is not None else []
         betas = tuple(tc.adam_betas)
-        opt_g = adamw(model.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay, device=device)
+        opt_g = adamw(trainable_parameters(model) + extra, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay,
+                      device=device)
         opt_d = adamw(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas, weight_decay=tc.weight_decay,
                       device=device)
         self.ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema_decay else None
@@ -93,15 +103,22 @@ class AutoencoderTask(Task):
             if self.loss_fn.perceptual is not None:
                 self.loss_fn.perceptual = torch.compile(self.loss_fn.perceptual)
         self.model, self.disc, self.opt_g, self.opt_d = loop.accelerator.prepare(model, disc, opt_g, opt_d)
+        self.projection = self.alignment = None
+        if projection is not None:  # prepared (DDP all-reduces its gradients), checkpointed by save_state
+            self.projection = loop.accelerator.prepare(projection)
+            self.alignment = Alignment(align_encoder, self.projection)
         if self.ema is not None:
             self.ema.to(device)
         unwrap = loop.accelerator.unwrap_model
         self.raw_model = self.ema_source = unwrap(self.model, keep_torch_compile=False)
         self.raw_disc = unwrap(self.disc, keep_torch_compile=False)
-        self.trained = [self.model, self.disc]
+        self.trained = [self.model, self.disc] + ([self.projection] if self.projection is not None else [])
         self.weights = {"model": self.raw_model, "discriminator": self.raw_disc}
+        if self.projection is not None:
+            self.weights["alignment_projection"] = unwrap(self.projection, keep_torch_compile=False)
         self.optimizers = [(self.opt_g, tc.lr), (self.opt_d, tc.disc_lr or tc.lr)]
-        self.ae_step = AutoencoderStep(model=self.model, loss_fn=self.loss_fn, disc=self.disc)
+        self.ae_step = AutoencoderStep(model=self.model, loss_fn=self.loss_fn, disc=self.disc,
+                                       alignment=self.alignment)
         self.meter = ThroughputMeter()
         self.last_val: dict[str, float] = {}
         for key in ("images_seen", "skipped_files"):
@@ -138,10 +155,12 @@ class AutoencoderTask(Task):
         tc, loop = self.config.train, self.loop
         x = batch["pixel_values"].to(memory_format=self.fmt)
         x_in = x + tc.input_noise_std * torch.randn_like(x) if tc.input_noise_std > 0 else x
+        x_in, shaping = self.shaping.draw(x_in, step=step, micro=loop.state["batch_in_epoch"])
         self.meter.start()
-        gen = self.ae_step.generator(x, step=step, x_in=x_in)
+        gen = self.ae_step.generator(x, step=step, x_in=x_in, shaping=shaping)
         terms = gen.terms
-        grad_norm = loop.update(gen.loss, self.opt_g, self.model)
+        more = [self.projection] if self.projection is not None else []
+        grad_norm = loop.update(gen.loss, self.opt_g, self.model, *more)
         if grad_norm is not None:
             terms["grad_norm"] = grad_norm
         if (disc := self.ae_step.discriminator(x, gen, step=step)) is not None:
@@ -217,6 +236,7 @@ def train(config: RunConfig) -> dict:
     validation = plan_validation(config.data, config.val_data)
     logger.info("validation data: %s", validation.reason)
     _check_resolutions(config, validation.validation)
+    check_shaping_family(config)
     loop = TrainingLoop(tc, output_dir=config.output_dir, config=config, resume=config.resume)
     device = loop.accelerator.device
     task = AutoencoderTask(loop, config)
