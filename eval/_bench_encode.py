@@ -18,7 +18,7 @@ Two *sides*, per (model, side, dataset size), on the same image folder:
   images/s covers the loop and the save. VQ-VAE-2 has no diffusers class, hence no naive side.
 
 Sizes: `1x` is the first `num_images` image files of the source folder (sorted by name; by default the training crops
-of `ldtok.default_dataset`); `Kx` (`scale`) is a folder in which each of them appears K times (hard links, symbolic
+of `ldtok.data.default_dataset`); `Kx` (`scale`) is a folder in which each of them appears K times (hard links, symbolic
 links across file systems), so the work per image is the same and only the count changes. `ldtok encode` holds one
 shard's latents in memory before writing it, so its memory depends on `--samples-per-shard`, not on the dataset
 size; with shards larger than the 1x dataset the 1x run never fills one, and 1x -> Kx would measure the buffer
@@ -141,7 +141,7 @@ def model_class(model: str | os.PathLike) -> str | None:
 def source_images(source_dir: str | os.PathLike | None) -> list[Path]:
     """The image files of `source_dir` (not recursive), sorted by name; the default dataset's crops if `None`."""
     if source_dir is None:
-        from ldtok.default_dataset import default_dataset_dir
+        from ldtok.data.default_dataset import default_dataset_dir
 
         source_dir = default_dataset_dir() / "train"
     source_dir = Path(source_dir).expanduser()

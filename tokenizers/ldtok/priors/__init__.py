@@ -2,7 +2,8 @@
 `UNet2DModel` on KL latents, nothing of ours to add) and `train/prior_transformer.py` (`GPT` on VQ codes)."""
 
 from .config import GPTConfig, NoiseConfig, PriorDiffusionConfig, PriorTrainConfig, PriorTransformerConfig, UNetConfig
-from .transformer import GPT, CodeLayout, CodeLevel, GPTOutput, KVCache
+from .layout import CodeLayout, CodeLevel
+from .transformer import GPT, GPTOutput, KVCache
 
 __all__ = [
     "GPT",

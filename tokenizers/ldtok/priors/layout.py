@@ -24,10 +24,9 @@ from einops import rearrange
 from torch import Tensor
 
 from ..config import ConfigError
-from ..latent_kinds import LATENT_KINDS, stage_field, stored_latent
+from ..latent_kinds import stage_field, stored_latent
 
 # level fields of the index kinds, derived from `ldtok.latent_kinds` (kept for ldtok.priors.transformer's re-export)
-KIND_LEVELS: dict[str, tuple[str, ...]] = {k.name: k.fields for k in LATENT_KINDS.values() if not k.gaussian}
 
 
 @dataclass

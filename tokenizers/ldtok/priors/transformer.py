@@ -25,8 +25,6 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layout import KIND_LEVELS, CodeLayout, CodeLevel  # noqa: F401  (re-exported: the layout moved to layout.py)
-
 
 # ------------------------------------------------------------------------------------------------ the model
 class KVCache:
@@ -272,4 +270,4 @@ class GPT(ModelMixin, ConfigMixin):
         return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
-__all__ = ["GPT", "CodeLayout", "CodeLevel", "GPTOutput", "KVCache"]
+__all__ = ["GPT", "GPTOutput", "KVCache"]

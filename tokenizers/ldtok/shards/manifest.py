@@ -27,7 +27,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from ..atomic import write_bytes_atomic, write_json_atomic
+from ..atomic import write_json_atomic
 from ..latent_kinds import latent_kind
 from .stats import ChannelStats
 
@@ -53,9 +53,6 @@ def part_name(rank: int) -> str:
     return f"part-r{rank:02d}.json"
 
 
-# the one atomic writer (fsync of the file and of the directory); `atomic_write_bytes` is kept for
-# train/prior_transformer.py, which imports it from here
-atomic_write_bytes = write_bytes_atomic
 
 
 def sha256_file(path: Path, *, chunk_bytes: int = 1 << 22) -> str:
