@@ -176,7 +176,7 @@ class RunConfig:
         resume (`str`, *optional*): `latest` (the newest checkpoint in `output_dir`, if any) or a checkpoint path.
         val_data (`DataConfig`, *optional*): validation images; it inherits every key of `data` and overrides only the
             keys it gives (`val_data.split=test`). By default the dataset's validation split when it has one, else a
-            deterministic `data.val_fraction` holdout, excluded from training (`ldtok.splits`).
+            deterministic `data.val_fraction` holdout, excluded from training (`ldtok.data.splits`).
     """
 
     inherit: ClassVar[dict[str, str]] = {"val_data": "data"}

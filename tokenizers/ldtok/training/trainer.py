@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..checkpoint import load_tensors
 from ..config import ConfigError
 from ..data import DataConfig, DataError, build_dataset, collate
+from ..data.splits import plan_validation
 from ..distributed import all_reduce_
 from ..ema import ModelEMA
 from ..images import make_grid, save_image_atomic
@@ -28,7 +29,6 @@ from ..models import build_model
 from ..performance import adamw, memory_format
 from ..run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
 from ..shaping.trainable import apply_trainable, trainable_parameters
-from ..splits import plan_validation
 from ..trackers import log_images
 from ..validation import calibrate_latent_scale, validate
 from .autoencoder import AutoencoderStep
