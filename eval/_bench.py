@@ -68,7 +68,8 @@ TASKS = ("train", "encode")
 
 def describe_options(options: Options) -> str:
     """`"bf16, channels-last, fused AdamW"` and the like."""
-    flags = {"channels-last": options.channels_last, "compile": options.compile, "fused AdamW": options.fused_adamw}
+    flags = {"channels-last": options.channels_last, "compile": options.compile, "fused AdamW": options.fused_adamw,
+             "bf16 perceptual backbone": options.precision == "bf16"}  # loss.perceptual_precision=auto
     return ", ".join([options.precision, *(name for name, on in flags.items() if on)])
 
 

@@ -24,13 +24,14 @@ from ldtok.discriminator import PatchDiscriminator
 from ldtok.losses import AutoencoderLoss, LossConfig, build_discriminator
 from ldtok.models import ModelConfig, build_model
 from ldtok.perceptual import build_perceptual
-from ldtok.performance import adamw
+from ldtok.performance import adamw, perceptual_dtype
 from ldtok.training import AutoencoderStep
 
 if TYPE_CHECKING:
     from _bench import BenchConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED = {"fp32": "no"}  # an Options.precision as Accelerate's mixed_precision
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class LdtokTrainStep:
         self.raw_disc.to(device, memory_format=memory_format)
         perceptual = build_perceptual(loss.perceptual, random_init=loss.perceptual_random_init)
         _load(perceptual.net, weights / "perceptual.safetensors")
-        self.loss_fn = AutoencoderLoss(config=loss, perceptual=perceptual).to(device)
+        self.loss_fn = AutoencoderLoss(config=loss, perceptual=perceptual).to(device, memory_format=memory_format)
+        # as the trainer: `loss.perceptual_precision=auto` runs the frozen backbone in bf16 in bf16 runs
+        perceptual.set_backbone_precision(perceptual_dtype(loss.perceptual_precision, MIXED.get(precision, precision)))
         if options.fused_adamw:
             self.opt_g = adamw(self.raw_model.parameters(), lr=lr, betas=betas, weight_decay=0.0, device=device)
             self.opt_d = adamw(self.raw_disc.parameters(), lr=lr, betas=betas, weight_decay=0.0, device=device)

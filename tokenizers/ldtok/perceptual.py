@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+import weakref
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -53,8 +54,19 @@ class PerceptualDistance(nn.Module):
         super().__init__()
         self.net = net
         self.name = name
+        self.backbone_dtype: torch.dtype | None = None  # `set_backbone_precision`
+        _autocast_backbone(net.net, self)
         self.requires_grad_(False)
         self.eval()
+
+    def set_backbone_precision(self, dtype: torch.dtype | None) -> PerceptualDistance:
+        """Run the backbone's convolutions under autocast to `dtype` (`torch.bfloat16`), or in the weights' dtype
+        (`None`). The distance itself (unit-normalizing the features, squared differences, the linear heads and
+        the spatial mean) stays fp32: the backbone's features are cast back before it. `loss.perceptual_precision`."""
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"backbone precision must be None, bfloat16 or float16, got {dtype}")
+        self.backbone_dtype = dtype
+        return self
 
     def train(self, mode: bool = True) -> PerceptualDistance:
         # Frozen: the heads carry dropout layers, which must never switch on when the owning loss calls .train().
@@ -67,6 +79,25 @@ class PerceptualDistance(nn.Module):
         assert y.shape == x.shape, f"shape mismatch: {tuple(x.shape)} vs {tuple(y.shape)}"
         dtype = next(self.net.parameters()).dtype
         return self.net(x.to(dtype), y.to(dtype)).reshape(B)
+
+
+def _autocast_backbone(backbone: nn.Module, owner: PerceptualDistance) -> None:
+    """Patch `backbone.forward` (both LPIPS implementations call `self.net` / `self.net.forward`) to follow
+    `owner.backbone_dtype`; the state dict keys stay as they are."""
+    forward = backbone.forward
+    owner_ref = weakref.ref(owner)
+
+    def forward_in_precision(x: Tensor):
+        owner = owner_ref()
+        dtype = owner.backbone_dtype if owner is not None else None
+        if dtype is None:
+            return forward(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            feats = forward(x)
+        floats = [f.float() for f in feats]
+        return type(feats)(*floats) if hasattr(feats, "_fields") else type(feats)(floats)  # namedtuple / list
+
+    backbone.forward = forward_in_precision
 
 
 def build_perceptual(net: str, *, random_init: bool = False) -> PerceptualDistance | None:

@@ -54,6 +54,15 @@ def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     return "bf16" if bf16_supported(device) else "no"
 
 
+def perceptual_dtype(setting: str, mixed_precision: str) -> torch.dtype | None:
+    """The frozen perceptual backbone's autocast dtype for `loss.perceptual_precision=setting` in a run whose resolved
+    mixed precision is `mixed_precision` (`"no"`, `"fp16"`, `"bf16"`); `None` is fp32. `auto` follows bf16 runs
+    only: fp16 runs keep the perceptual net in fp32 (no fp16 backbone is offered: its narrow range is untested here)."""
+    if setting == "auto":
+        return torch.bfloat16 if mixed_precision == "bf16" else None
+    return {"fp32": None, "bf16": torch.bfloat16}[setting]
+
+
 def adamw(params: Iterable[nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float,
           device: torch.device) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for `device` (CUDA; CPU since torch 2.4), else `foreach`."""

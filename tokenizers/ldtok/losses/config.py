@@ -28,6 +28,10 @@ class LossConfig:
             and `build_loss` then builds no network).
         perceptual_random_init (`bool`, defaults to `False`): random perceptual backbone; tests and offline mechanics
             only, the distance is meaningless.
+        perceptual_precision (`"auto"`, `"fp32"` or `"bf16"`, defaults to `"auto"`): the frozen perceptual
+            backbone's convolutions under bf16 autocast (`bf16`) or in fp32; `auto`: bf16 when the run trains in bf16
+            (`train.mixed_precision`), fp32 otherwise. The distance (feature normalization, squared differences,
+            heads, means) is fp32 either way. The backbone is most of a GAN step's cost at small resolutions.
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
         disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
             the GAN entirely (`disc_active` is then always False).
@@ -76,6 +80,7 @@ class LossConfig:
     perceptual: str = "lpips-vgg"
     perceptual_weight: float = 1.0
     perceptual_random_init: bool = False
+    perceptual_precision: Literal["auto", "fp32", "bf16"] = "auto"
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_weight: float = 0.5
     disc_start: int = 50001
@@ -116,6 +121,7 @@ class LossConfig:
             "reconstruction": ("l1", "l2", "bce"),
             "disc_loss": ("hinge", "non_saturating"),
             "perceptual": PERCEPTUAL_NETS,
+            "perceptual_precision": ("auto", "fp32", "bf16"),
             "kl_schedule": reg.KL_SCHEDULES,
             "sparsity": reg.SPARSITY_KINDS,
         }

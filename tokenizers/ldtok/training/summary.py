@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..atomic import write_text_atomic
 from ..distributed import all_gather_objects
 from ..meters import peak_memory_mib
@@ -31,6 +33,7 @@ def final_summary(loop: TrainingLoop, task: AutoencoderTask) -> dict:
         "peak_memory_mib": peak_memory_mib(accelerator.device),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        "perceptual_precision": _perceptual_precision(task),
         "rank_checksums": all_gather_objects(weights_checksum(*task.weights.values())),
         "validation": task.last_val,
     }
@@ -47,6 +50,15 @@ def final_summary(loop: TrainingLoop, task: AutoencoderTask) -> dict:
         if not (loop.finished and (out / "summary.json").is_file()):
             write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _perceptual_precision(task: AutoencoderTask) -> str | None:
+    """`"bf16"` / `"fp32"`: how the frozen perceptual backbone ran (`loss.perceptual_precision`); None without one."""
+    perceptual = task.loss_fn.perceptual
+    perceptual = getattr(perceptual, "_orig_mod", perceptual)  # torch.compile's wrapper
+    if perceptual is None:
+        return None
+    return "bf16" if perceptual.backbone_dtype == torch.bfloat16 else "fp32"
 
 
 def finished_summary(out: Path, state: dict, *, main: bool) -> dict:

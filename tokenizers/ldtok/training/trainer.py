@@ -26,7 +26,7 @@ from ..losses import build_discriminator, build_loss
 from ..meters import ThroughputMeter
 from ..model_card import write_model_card
 from ..models import build_model
-from ..performance import adamw, memory_format
+from ..performance import adamw, memory_format, perceptual_dtype
 from ..run_checks import EpochProgress, check_batch_fills, check_resolution, downsample_factor
 from ..shaping.trainable import apply_trainable, trainable_parameters
 from ..trackers import log_images
@@ -85,6 +85,9 @@ class AutoencoderTask(Task):
                             contractive_samples=contractive).to(memory_format=fmt)
         disc = build_discriminator(config.loss).to(memory_format=fmt)
         self.loss_fn = build_loss(config.loss, max_steps=tc.max_steps).to(device, memory_format=fmt)
+        if self.loss_fn.perceptual is not None:
+            self.loss_fn.perceptual.set_backbone_precision(
+                perceptual_dtype(config.loss.perceptual_precision, loop.accelerator.mixed_precision))
         apply_trainable(model, tc.trainable)  # the frozen half: no gradients, out of the optimizer, always eval
         self.shaping = BatchShaping(config, downsample_factor=getattr(model, "downsample_factor", 1))
         align_encoder, projection = None, None
