@@ -111,6 +111,11 @@ class BenchConfig:
         seed (`int`): weights and inputs.
         lr, adam_betas, max_grad_norm: the optimizers (AdamW) and gradient clipping; the trainer's defaults.
         disc_channels, disc_layers: the PatchGAN discriminator (LDM's 64 and 3 by default).
+        baseline (`"single-forward"` or `"lightning"`): how the baseline's training step runs the autoencoder.
+            `single-forward`: once per step, its reconstruction shared by both optimizers' losses (the leanest way to
+            write it). `lightning`: once per optimizer, as taming's `VQModel` and LDM's `AutoencoderKL` do (Lightning
+            calls `training_step(batch, batch_idx, optimizer_idx)` once per optimizer and each call starts with
+            `self(x)`); the discriminator's call builds a graph only its detached reconstruction is read from.
     """
 
     presets: list[str] = field(default_factory=lambda: ["demo-kl"])
@@ -131,9 +136,11 @@ class BenchConfig:
     max_grad_norm: float = 1.0
     disc_channels: int = 64
     disc_layers: int = 3
+    baseline: Literal["single-forward", "lightning"] = "single-forward"
 
     def __post_init__(self):
         each_choice(self, "tasks", TASKS)
+        check_choice(self, "baseline", ("single-forward", "lightning"))
         each_choice(self, "settings", SETTINGS)
         check_choice(self, "precision", tuple(DTYPES))
         for name in ("batch_size", "resolution", "steps", "repeats", "disc_channels", "disc_layers"):
@@ -258,7 +265,7 @@ def run_case(case: Case) -> CaseResult:
     ldtok = case.side == "ldtok"
     torch.manual_seed(cfg.seed)
     opts = ldtok_options(cfg, case.setting)
-    options = {"options": opts} if ldtok else {}
+    options = {"options": opts} if ldtok else {"lightning": cfg.baseline == "lightning" and case.task == "train"}
     if case.task == "train":
         cls = LdtokTrainStep if ldtok else BaselineTrainStep
         step_fn = cls(model=model, loss=loss_config(cfg), weights=weights, device=device, lr=cfg.lr,

@@ -60,7 +60,7 @@ def write_report(path: str | Path, config: BenchConfig, rows: list[Row]) -> None
         "config": asdict(config),
         "environment": environment(config),
         "notes": [PERCEPTUAL_NOTE, f"peak memory: {memory}", "ratios are ldtok / baseline",
-                  "baseline: diffusers model + lpips + PatchDiscriminator, fp32, eager",
+                  f"baseline: diffusers model + lpips + PatchDiscriminator, fp32, eager, {config.baseline}",
                   "inputs: one fixed random batch; images_per_s: each side's fastest of `repeats` runs"],
         "rows": [{"name": r.name, "setting": r.setting, "options": asdict(ldtok_options(config, r.setting)),
                   "baseline": asdict(r.baseline), "ldtok": asdict(r.ldtok), "speedup": r.speedup,

@@ -186,7 +186,9 @@ class BaselineTrainStep:
     normalize (ldtok's EMA / l2-normalized codebooks pick other codes; the compute is the same)."""
 
     def __init__(self, *, model: ModelConfig, loss: LossConfig, weights: Path, device: torch.device,
-                 lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9), max_grad_norm: float = 1.0):
+                 lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.9), max_grad_norm: float = 1.0,
+                 lightning: bool = False):
+        self.lightning = lightning  # the autoencoder's forward once per optimizer (BenchConfig.baseline)
         implemented = {"reconstruction": "l1", "rec_weight": 1.0, "disc_loss": "hinge", "adaptive_weight": True,
                        "lecam_weight": 0.0, "kl_warmup_steps": 0, "free_bits": 0.0}
         for name, value in implemented.items():
@@ -201,17 +203,21 @@ class BaselineTrainStep:
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
         self.max_grad_norm = max_grad_norm
 
-    def __call__(self, x: Tensor, step: int) -> StepLosses:
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`(reconstruction, KL or commitment term)`, as the autoencoder's forward of taming / LDM."""
         cfg = self.loss
         _, C, H, W = x.shape
-        # autoencoder step
         if self.kl:
             posterior = self.vae.encode(x).latent_dist
             x_rec = self.vae.decode(posterior.sample()).sample
-            reg = cfg.kl_weight * posterior.kl().mean() / (C * H * W)  # LDM's KL sum per sample, per image value
-        else:
-            x_rec, commit_loss = self.vae(x, return_dict=False)
-            reg = cfg.quant_weight * commit_loss
+            return x_rec, cfg.kl_weight * posterior.kl().mean() / (C * H * W)  # LDM's KL sum per sample, per value
+        x_rec, commit_loss = self.vae(x, return_dict=False)
+        return x_rec, cfg.quant_weight * commit_loss
+
+    def __call__(self, x: Tensor, step: int) -> StepLosses:
+        cfg = self.loss
+        # autoencoder step
+        x_rec, reg = self._forward(x)
         rec_loss = (x_rec - x).abs().mean()
         p_loss = self.lpips(x_rec, x).mean()
         nll_loss = rec_loss + cfg.perceptual_weight * p_loss
@@ -227,6 +233,8 @@ class BaselineTrainStep:
         self.opt_g.zero_grad(set_to_none=True)
         # discriminator step
         self.opt_d.zero_grad(set_to_none=True)  # the generator loss's backward filled these
+        if self.lightning:  # Lightning's second `training_step` call (optimizer_idx=1) starts with `self(x)` again
+            x_rec, _ = self._forward(x)
         logits_real = self.disc(x.detach())
         logits_fake = self.disc(x_rec.detach())
         d_loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()

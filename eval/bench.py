@@ -52,9 +52,10 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     config, out = parse(argv)
     settings = ", ".join(f"{name} ({describe_options(ldtok_options(config, name))})" for name in config.settings)
+    forwards = "once per optimizer" if config.baseline == "lightning" else "once"
     print(f"ldtok bench: {config.device}, batch {config.batch_size} x {config.resolution}px, {config.steps} steps "
-          f"after {config.warmup} warm-up, best of {config.repeats}; ldtok: {settings}; baseline: fp32 eager",
-          flush=True)
+          f"after {config.warmup} warm-up, best of {config.repeats}; ldtok: {settings}; baseline: fp32 eager, "
+          f"{config.baseline} (the autoencoder's forward {forwards} per step)", flush=True)
     rows = run_benchmark(config, log=lambda message: print(message, file=sys.stderr, flush=True))
     print(format_table(rows, device=config.device))
     print(PERCEPTUAL_NOTE)

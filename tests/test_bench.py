@@ -124,3 +124,23 @@ def test_families_without_a_diffusers_baseline_are_refused():
         BenchConfig(tasks=["encode", "fit"])
     with pytest.raises(ConfigError, match="^warmup: must be >= 0"):
         BenchConfig(warmup=-1)
+
+
+def test_the_lightning_baseline_runs_the_autoencoder_once_per_optimizer(tmp_path):
+    """`--baseline lightning` (taming / LDM under Lightning): the discriminator's `training_step` call starts with its
+    own forward of the just-updated autoencoder; `single-forward` shares the generator's reconstruction."""
+    config = BenchConfig(presets=["demo-vq"], resolution=32, batch_size=2, disc_channels=16, disc_layers=2)
+    model = model_config("demo-vq", 32)
+    weights = prepare_weights(config, model, tmp_path)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    forwards = {}
+    for lightning in (False, True):
+        step = BaselineTrainStep(model=model, loss=loss_config(config), weights=weights, device=torch.device("cpu"),
+                                 lightning=lightning)
+        calls = []
+        step.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+        step(x, 0)
+        forwards[lightning] = len(calls)
+    assert forwards == {False: 1, True: 2}
+    with pytest.raises(ConfigError, match="^baseline: "):
+        BenchConfig(presets=["demo-kl"], baseline="taming")
