@@ -137,8 +137,8 @@ def test_the_lightning_baseline_runs_the_autoencoder_once_per_optimizer(tmp_path
     for lightning in (False, True):
         step = BaselineTrainStep(model=model, loss=loss_config(config), weights=weights, device=torch.device("cpu"),
                                  lightning=lightning)
-        calls = []
-        step.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+        calls: list[int] = []
+        step.vae.encoder.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         step(x, 0)
         forwards[lightning] = len(calls)
     assert forwards == {False: 1, True: 2}
