@@ -265,9 +265,11 @@ def run_case(case: Case) -> CaseResult:
     ldtok = case.side == "ldtok"
     torch.manual_seed(cfg.seed)
     opts = ldtok_options(cfg, case.setting)
-    options = {"options": opts} if ldtok else {"lightning": cfg.baseline == "lightning" and case.task == "train"}
+    options = {"options": opts} if ldtok else {}
     if case.task == "train":
         cls = LdtokTrainStep if ldtok else BaselineTrainStep
+        if not ldtok:
+            options["lightning"] = cfg.baseline == "lightning"
         step_fn = cls(model=model, loss=loss_config(cfg), weights=weights, device=device, lr=cfg.lr,
                       betas=tuple(cfg.adam_betas), max_grad_norm=cfg.max_grad_norm, **options)
     else:
