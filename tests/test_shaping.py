@@ -26,6 +26,23 @@ def test_transforms_compose_to_identity_and_scale_pairs_consistently():
     assert torch.equal(timg, torch.flip(torch.rot90(img, 1, (-2, -1)), (-1,)))
 
 
+@pytest.mark.parametrize("kind", ["kl", "vqgan"])
+def test_equivariance_trains_under_bf16_autocast(kind):
+    """The default mixed precision on CPUs with AMX and on GPUs is bf16: the scale transform (antialiased bilinear,
+    which has no CPU bf16 kernel) runs in fp32 there and gives the autocast dtype back."""
+    from ldtok.shaping.options import LatentShaping
+
+    z = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    assert SpatialTransform(scale=0.5).apply(z).dtype == torch.bfloat16
+    model = build_model(ModelConfig(type=kind, **TINY))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, shaping=LatentShaping(transform=SpatialTransform(scale=0.5, rotate=1)))
+    assert out.equivariant_sample.shape == (2, 3, 16, 16)
+    out.equivariant_sample.float().mean().backward()
+    assert any(p.grad is not None for p in model.parameters())
+
+
 def test_sample_transform_is_reproducible_never_identity_and_checks_kinds():
     draws = [sample_transform(step_generator(0, s, 0, 1), kinds=["scale", "rotate", "flip"]) for s in range(30)]
     again = [sample_transform(step_generator(0, s, 0, 1), kinds=["scale", "rotate", "flip"]) for s in range(30)]

@@ -44,8 +44,12 @@ class SpatialTransform:
         if self.scale != 1.0:
             H, W = t.shape[-2:]
             size = size or (max(1, round(H * self.scale)), max(1, round(W * self.scale)))
-            # bilinear with antialias: a downscaled image is what a camera at that distance would see
-            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+            # bilinear with antialias: a downscaled image is what a camera at that distance would see. In fp32: the
+            # antialiased kernel has no bf16 version on CPU, and the latent is rescaled at full precision either way.
+            dtype = t.dtype
+            with torch.autocast(t.device.type, enabled=False):
+                t = F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+            t = t.to(dtype)
         if self.rotate % 4:
             t = torch.rot90(t, k=self.rotate % 4, dims=(-2, -1))
         if self.flip:
