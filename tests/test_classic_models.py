@@ -39,8 +39,10 @@ def test_mlp_autoencoder_shapes_2d_latent_and_reload(tmp_path, deterministic):
     assert loaded.kind == "kl" and type(loaded).__name__ == "MLPVAEAutoencoder"
     model.eval()
     torch.testing.assert_close(loaded(x).sample, model(x).sample, rtol=0, atol=0)
+    # one latent: the kernel the CPU picks for a batch of 1 may differ between the two copies of the weights (seen on
+    # this AMX machine: 20 of 784 values 1 ulp apart); the same weights give the same decoding up to float rounding
     torch.testing.assert_close(loaded.decode_latents(torch.zeros(1, 2, 1, 1)), model.decode_latents(
-        torch.zeros(1, 2, 1, 1)), rtol=0, atol=0)
+        torch.zeros(1, 2, 1, 1)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="takes"):
         model(grey(side=32))
 
