@@ -140,7 +140,8 @@ def test_sd_convention_by_default_sd3_opt_in_and_training_writes_the_same(setup,
     assert stats["scaling_factor"] == config["scaling_factor"]
     first = ds[0]
     raw = load_tokenizer(model_dir).encode_posterior(ds_image(setup["data"], first["id"])).mean[0]
-    torch.testing.assert_close(first["latents"], raw * config["scaling_factor"], rtol=1e-5, atol=1e-6)  # no shift
+    # the shards were encoded in batches, `raw` alone: float rounding differs by a few ulp of these unit-RMS latents
+    torch.testing.assert_close(first["latents"], raw * config["scaling_factor"], rtol=1e-5, atol=1e-5)  # no shift
 
     # training's end-of-run calibration on the same images writes the same number the same way
     model = load_tokenizer(setup["model"])
@@ -156,7 +157,7 @@ def test_sd_convention_by_default_sd3_opt_in_and_training_writes_the_same(setup,
     assert config["shift_factor"] == pytest.approx(stats["mean"]) and config["shift_factor"] != 0
     assert config["scaling_factor"] == pytest.approx(1 / stats["std"])
     z = LatentShardDataset(tmp_path / "sd3", sample_posterior=False)[0]["latents"]
-    torch.testing.assert_close(z, (raw - config["shift_factor"]) * config["scaling_factor"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, (raw - config["shift_factor"]) * config["scaling_factor"], rtol=1e-5, atol=1e-5)
 
 
 def ds_image(data: Path, sample_id: str) -> torch.Tensor:
