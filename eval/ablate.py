@@ -20,8 +20,9 @@ Per variant (`VARIANTS`; every run starts from `configs/demo-kl.yaml` with the s
    biased upward, compare only rows of one table).
 
 A finished step is read back, not rerun (delete its directory to redo it). Prints a Markdown table with each row's
-change against `baseline` and writes `OUT/ablation.json`. `+align` needs `--align-model DIR` (a local
-`transformers` vision model, e.g. a DINOv2 directory); without one the row is skipped and says so.
+change against `baseline` and writes `OUT/ablation.json`. `+align` aligns to `--align-model`: by default the
+built-in `stlpips-vgg` (the ImageNet-trained anti-aliased VGG16 in the `stlpips_pytorch` wheel, relu5_3; offline),
+or a local `transformers` vision model directory such as a saved DINOv2 (what VA-VAE aligns to).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldtok.atomic import write_json_atomic
 from ldtok.config import check_range, invalid
 from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 from ldtok.errors import LdtokError, run_cli
@@ -72,7 +74,8 @@ class AblateOptions:
         val_every (`int`, defaults to 8): every n-th tile is held out for validation.
         sources (`list[str]`, *optional*): folders of source photos (default: the embedded train photos and
             /usr/share/backgrounds if installed).
-        align_model (`str`, *optional*): a local transformers vision model directory for `+align`.
+        align_model (`str`, defaults to `"stlpips-vgg"`): `loss.align_model` of `+align`: a built-in CNN
+            (`stlpips-vgg`, `stlpips-alex`) or a local transformers vision model directory.
         seed (`int`, defaults to 0): the tokenizer and prior seed.
     """
 
@@ -86,7 +89,7 @@ class AblateOptions:
     tile_source_side: int = 256
     val_every: int = 8
     sources: list[str] = field(default_factory=list)
-    align_model: str | None = None
+    align_model: str = "stlpips-vgg"
     seed: int = 0
 
     def __post_init__(self):
@@ -142,7 +145,7 @@ def prepare(opts: AblateOptions, data: Path) -> dict:
                 count += 1
     info = {"sources": used, "train": len(list((data / "train").iterdir())),
             "val": len(list((data / "val").iterdir())), "resolution": R, "tile_source_side": side}
-    info_file.write_text(json.dumps(info, indent=1))
+    write_json_atomic(info_file, info)
     return info
 
 
@@ -245,7 +248,7 @@ def generation_fid(opts: AblateOptions, run_dir: Path, data: Path) -> float:
         fake.update(inception(images * 2 - 1).double())  # InceptionFID takes [-1, 1]
     real = real_moments(inception, data, n=opts.fid_real)
     gfid = fid_from_moments(real, fake)
-    cache.write_text(json.dumps({"gfid": gfid, "samples": opts.samples, "real": real.num_samples}))
+    write_json_atomic(cache, {"gfid": gfid, "samples": opts.samples, "real": real.num_samples})
     return gfid
 
 
@@ -269,9 +272,6 @@ def print_table(results: dict[str, dict], opts: AblateOptions, info: dict) -> No
     print("|---|" + "---:|" * len(COLUMNS))
     base = results.get("baseline", {})
     for name, r in results.items():
-        if "skipped" in r:
-            print(f"| {name} | " + " | ".join(["—"] * len(COLUMNS)) + f" |  (skipped: {r['skipped']})")
-            continue
         cells = []
         for key, _, fmt in COLUMNS:
             value = r.get(key)
@@ -291,12 +291,8 @@ def main() -> None:
     print(f"data: {info['train']} training and {info['val']} validation tiles from {len(info['sources'])} photos")
     results: dict[str, dict] = {}
     for name in opts.only or list(VARIANTS):
-        if "{align_model}" in " ".join(VARIANTS[name]) and not opts.align_model:
-            results[name] = {"skipped": "needs --align-model DIR (a local transformers vision model)"}
-        else:
-            results[name] = run_variant(opts, name, out / name.lstrip("+"), data, info)
-        (out / "ablation.json").write_text(json.dumps({"options": vars(opts), "data": info, "results": results},
-                                                      indent=1))
+        results[name] = run_variant(opts, name, out / name.lstrip("+"), data, info)
+        write_json_atomic(out / "ablation.json", {"options": vars(opts), "data": info, "results": results})
     print_table(results, opts, info)
 
 

@@ -6,7 +6,13 @@ import torch
 from ldtok.errors import LdtokError
 from ldtok.models import build_model
 from ldtok.models.config import ModelConfig
-from ldtok.shaping.alignment import AlignmentProjection, FrozenVisionEncoder, alignment_terms
+from ldtok.shaping.alignment import (
+    AlignmentProjection,
+    FrozenConvEncoder,
+    FrozenVisionEncoder,
+    alignment_terms,
+    build_align_encoder,
+)
 from ldtok.shaping.corruption import add_latent_noise, mask_patches, patch_mask, scheduled, step_generator
 from ldtok.shaping.equivariance import SpatialTransform, sample_transform
 from ldtok.shaping.trainable import apply_trainable, trainable_parameters
@@ -98,17 +104,20 @@ def dino_dir(tmp_path):
     return tmp_path / "dino"
 
 
-def test_alignment_model_stays_frozen_and_only_encoder_and_projection_get_gradients(dino_dir):
-    frozen = FrozenVisionEncoder.from_directory(dino_dir)
+@pytest.mark.parametrize("align_model", ["dino", "stlpips-alex", "stlpips-vgg"])
+def test_alignment_model_stays_frozen_and_only_encoder_and_projection_get_gradients(dino_dir, align_model):
+    frozen = build_align_encoder(str(dino_dir) if align_model == "dino" else align_model)
     frozen.train()
-    assert not frozen.training and not frozen.model.training
+    assert not any(m.training for m in frozen.modules())
     assert not any(p.requires_grad for p in frozen.parameters())
     model = build_model(ModelConfig(type="kl", **TINY))
     proj = AlignmentProjection(latent_channels=4, feature_dim=frozen.hidden_size)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = model(x).latents  # (2, 4, 16, 16)
     feats = frozen(x, grid=tuple(z.shape[-2:]))
-    assert feats.shape == (2, 32, 16, 16) and not feats.requires_grad
+    width = {"dino": 32, "stlpips-alex": 256, "stlpips-vgg": 512}[align_model]
+    assert frozen.hidden_size == width and feats.shape == (2, width, 16, 16) and not feats.requires_grad
+    assert feats.std() > 0
     term_cos, term_dist = alignment_terms(proj(z), feats)
     (term_cos + term_dist).backward()
     assert all(p.grad is None for p in frozen.parameters())
@@ -131,6 +140,20 @@ def test_alignment_model_loads_only_from_a_local_directory(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(LdtokError, match="no config.json"):
         FrozenVisionEncoder.from_directory(tmp_path)
+    with pytest.raises(LdtokError, match="not a local transformers model directory"):
+        build_align_encoder("stlpips-squeeze")  # not built in: taken for a directory, never for a download
+
+
+def test_builtin_alignment_model_is_the_trained_stlpips_backbone():
+    from ldtok.perceptual import build_perceptual
+
+    frozen, lpips = FrozenConvEncoder("stlpips-vgg"), build_perceptual("stlpips-vgg").net
+    for name, tensor in lpips.net.state_dict().items():
+        torch.testing.assert_close(frozen.backbone.state_dict()[name], tensor, rtol=0, atol=0)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    grid_4 = frozen(x, grid=(4, 4))  # 64 px in, stride 16: the backbone's own relu5_3 map, area-resampled
+    own = lpips.net(lpips.scaling_layer(x))[-1]
+    torch.testing.assert_close(grid_4, torch.nn.functional.adaptive_avg_pool2d(own, (4, 4)), rtol=1e-4, atol=1e-5)
 
 
 def _latent_space(out) -> list[torch.Tensor]:

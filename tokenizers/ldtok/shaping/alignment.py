@@ -7,6 +7,13 @@ same width; two terms pull them together (Yao et al., "Reconstruction vs. Genera
 - marginal cosine similarity: `mean ReLU(1 - m1 - cos(W z_ij, f_ij))` over positions;
 - marginal distance-matrix similarity: `mean ReLU(|cos(W z_i, W z_j) - cos(f_i, f_j)| - m2)` over position pairs.
 
+Two kinds of frozen model:
+
+- a local `transformers` ViT-style directory (`FrozenVisionEncoder`), the models VA-VAE and REPA-E align to;
+- a built-in name, `"stlpips-alex"` or `"stlpips-vgg"` (`FrozenConvEncoder`): the last ReLU of the ImageNet-trained,
+  anti-aliased AlexNet / VGG16 that ship inside the `stlpips_pytorch` wheel (relu5, 256 / 512 channels). A much
+  weaker representation than DINOv2, but a trained one that works offline.
+
 The frozen model never trains: it is put in eval mode and stays there (`train()` is a no-op), its parameters never
 require gradients, and its features are computed under `torch.no_grad()`. Only the encoder (through `z`) and the
 projection receive the terms' gradients.
@@ -86,6 +93,55 @@ class FrozenVisionEncoder(nn.Module):
             raise LdtokError(f"the alignment model returned {tokens.shape[1]} tokens for a {h}x{w} patch grid")
         patches = tokens[:, -h * w:]  # (B, h*w, D)
         return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w).float()
+
+
+BUILTIN_ALIGN_MODELS = ("stlpips-alex", "stlpips-vgg")
+
+
+class FrozenConvEncoder(nn.Module):
+    """The last tapped ReLU of a frozen shift-tolerant CNN (`ldtok.perceptual.ShiftTolerantLPIPS`) on the latent grid.
+
+    Args:
+        net (`str`): `"stlpips-alex"` (relu5, 256 channels, stride 8) or `"stlpips-vgg"` (relu5_3, 512, stride 16).
+    """
+
+    def __init__(self, net: str):
+        super().__init__()
+        from ..perceptual import build_perceptual
+
+        if net not in BUILTIN_ALIGN_MODELS:
+            raise LdtokError(f"loss.align_model={net}: not a built-in alignment model; use one of "
+                             f"{', '.join(BUILTIN_ALIGN_MODELS)} or a local transformers model directory")
+        lpips = build_perceptual(net).net  # ShiftTolerantLPIPS, trained backbone
+        self.scaling_layer, self.backbone = lpips.scaling_layer, lpips.net
+        self.stride = 8 if net == "stlpips-alex" else 16  # three / four stride-2 blur-pools
+        self.hidden_size = int(getattr(lpips, f"lin{lpips.num_taps - 1}").model[1].in_channels)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenConvEncoder:
+        """Stays in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, *, grid: tuple[int, int]) -> Tensor:
+        """Features `(B, D, h, w)` of images `x` `(B, 3, H, W)` in [-1, 1], on a `grid = (h, w)`.
+
+        The image is resized to `(h·s, w·s)` (`s` = the network's stride); the convs' and pools' padding can leave
+        the map a row or two off (VGG: `h + 1`), so it is area-resampled to exactly `(h, w)`.
+        """
+        h, w = grid
+        x = F.interpolate(x.float(), size=(h * self.stride, w * self.stride), mode="bicubic", align_corners=False,
+                          antialias=True)
+        feats = self.backbone(self.scaling_layer(x))[-1]
+        return F.adaptive_avg_pool2d(feats, (h, w)).float()
+
+
+def build_align_encoder(align_model: str) -> FrozenVisionEncoder | FrozenConvEncoder:
+    """A built-in name (`BUILTIN_ALIGN_MODELS`) or a local transformers directory; never downloads."""
+    if align_model in BUILTIN_ALIGN_MODELS:
+        return FrozenConvEncoder(align_model)
+    return FrozenVisionEncoder.from_directory(align_model)
 
 
 class AlignmentProjection(nn.Module):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..distributed import rank
 from ..outputs import AutoencoderOutput
-from ..shaping.alignment import AlignmentProjection, FrozenVisionEncoder
+from ..shaping.alignment import AlignmentProjection, build_align_encoder
 from ..shaping.corruption import mask_patches, scheduled, step_generator
 from ..shaping.equivariance import sample_transform
 from ..shaping.options import LatentShaping
@@ -108,17 +108,19 @@ class Alignment:
     """The frozen vision model and the (prepared) projection of the alignment term.
 
     Args:
-        encoder (`FrozenVisionEncoder`): on the training device; stays in eval mode, without gradients.
+        encoder (`FrozenVisionEncoder` or `FrozenConvEncoder`): on the training device; stays in eval mode, without
+            gradients.
         projection (`nn.Module`): the `AlignmentProjection` as prepared by Accelerate (DDP-wrapped when distributed).
     """
 
-    def __init__(self, encoder: FrozenVisionEncoder, projection: nn.Module):
+    def __init__(self, encoder: nn.Module, projection: nn.Module):
         self.encoder, self.projection = encoder, projection
 
     @staticmethod
-    def build(align_model: str, *, model: nn.Module) -> tuple[FrozenVisionEncoder, AlignmentProjection]:
-        """The frozen model from its local directory, and a fresh projection from `model`'s latent to its width."""
-        encoder = FrozenVisionEncoder.from_directory(align_model)
+    def build(align_model: str, *, model: nn.Module) -> tuple[nn.Module, AlignmentProjection]:
+        """The frozen model (built-in or from its local directory), and a fresh projection from `model`'s latent to
+        its width."""
+        encoder = build_align_encoder(align_model)
         return encoder, AlignmentProjection(latent_channels=latent_channels(model), feature_dim=encoder.hidden_size)
 
     def __call__(self, x: Tensor, output: AutoencoderOutput) -> tuple[Tensor, Tensor]:
