@@ -10,7 +10,8 @@ from pathlib import Path
 
 import diffusers
 import torch
-from _bench import PERCEPTUAL_NOTE, BenchConfig, Row, ldtok_options
+from _bench import Row
+from _bench_config import PERCEPTUAL_NOTE, BenchConfig, ldtok_options
 
 from ldtok.atomic import write_text_atomic
 

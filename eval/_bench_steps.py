@@ -28,7 +28,7 @@ from ldtok.performance import adamw, perceptual_dtype
 from ldtok.training import AutoencoderStep
 
 if TYPE_CHECKING:
-    from _bench import BenchConfig
+    from _bench_config import BenchConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIXED = {"fp32": "no"}  # an Options.precision as Accelerate's mixed_precision

@@ -17,7 +17,8 @@ with the chosen options. Both start from the same weights; the perceptual networ
 import sys
 from dataclasses import dataclass
 
-from _bench import PERCEPTUAL_NOTE, BenchConfig, describe_options, ldtok_options, run_benchmark
+from _bench import run_benchmark
+from _bench_config import PERCEPTUAL_NOTE, BenchConfig, describe_options, ldtok_options
 from _bench_report import format_table, write_report
 
 from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args

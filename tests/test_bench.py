@@ -13,7 +13,8 @@ import torch
 from ldtok.config import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # the benchmark code lives beside the library
-from _bench import BaselineTrainStep, BenchConfig, LdtokTrainStep, loss_config, model_config, prepare_weights  # noqa: E402
+from _bench_config import BenchConfig, model_config  # noqa: E402
+from _bench_steps import BaselineTrainStep, LdtokTrainStep, loss_config, prepare_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--resolution", "32", "--batch-size", "2", "--disc-channels", "16", "--disc-layers", "2"]
