@@ -1,8 +1,8 @@
 """Throughput and peak memory of ldtok's training step and encoder against an anchor-style baseline (`eval/bench.py`).
 
-Benchmark code and its deliberately naive baseline live here, beside the library: `import ldtok` never loads them. Files:
-`_bench_config` (what is measured), `_bench_steps` (both sides' training steps and encoders), `_bench_cases` (one
-case run and measured), this one (the comparisons: repeats, rows), `_bench_report` (tables, JSON).
+Benchmark code and its deliberately naive baseline live here, beside the library: `import ldtok` never loads them.
+Files: `_bench_config` (what is measured), `_bench_steps` (both sides' training steps and encoders), `_bench_cases`
+(one case run and measured), this one (the comparisons: repeats, rows), `_bench_report` (tables, JSON).
 
 Each comparison runs two *cases* from the same weights, inputs and loss recipe:
 

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldtok.atomic import write_json_atomic
 from ldtok.config import check_range, invalid
 from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 from ldtok.errors import run_cli
@@ -193,7 +194,7 @@ def main() -> None:
     print_table(rows)
     settings = {"steps": args.steps, "resolution": 64, "batch_size": 8, "validation": str(v1 / "validation"),
                 "validation_images": 64, "machine": "CPU, 1 process, OMP_NUM_THREADS=1"}
-    (out / "ablation.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    write_json_atomic(out / "ablation.json", {"settings": settings, "rows": rows}, indent=2)
     print(f"\nwrote {out / 'ablation.json'}")
 
 

@@ -32,6 +32,7 @@ from ..errors import LdtokError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BUILTIN_ALIGN_MODELS = ("stlpips-alex", "stlpips-vgg")
 
 
 class FrozenVisionEncoder(nn.Module):
@@ -62,7 +63,8 @@ class FrozenVisionEncoder(nn.Module):
         if not (path / "config.json").is_file():
             raise LdtokError(f"loss.align_model={path}: not a local transformers model directory (no config.json); "
                              "save one there on a machine with network: "
-                             "`AutoModel.from_pretrained('facebook/dinov2-base').save_pretrained(DIR)`")
+                             "`AutoModel.from_pretrained('facebook/dinov2-base').save_pretrained(DIR)`, or use a "
+                             f"built-in offline CNN: {' or '.join(BUILTIN_ALIGN_MODELS)}")
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
         if not hasattr(model.config, "patch_size"):
             raise LdtokError(f"loss.align_model={path}: {type(model).__name__} has no patch_size; "
@@ -93,9 +95,6 @@ class FrozenVisionEncoder(nn.Module):
             raise LdtokError(f"the alignment model returned {tokens.shape[1]} tokens for a {h}x{w} patch grid")
         patches = tokens[:, -h * w:]  # (B, h*w, D)
         return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w).float()
-
-
-BUILTIN_ALIGN_MODELS = ("stlpips-alex", "stlpips-vgg")
 
 
 class FrozenConvEncoder(nn.Module):
