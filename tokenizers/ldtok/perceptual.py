@@ -173,6 +173,8 @@ def _lpips_weights_message(arch: str, error: BaseException) -> str:
 class _BlurPool(nn.Module):
     """Reflect-pad by 2, then a depthwise 3x3 binomial blur at stride 2 (stlpips' `Downsample(pad_more=True)`)."""
 
+    stride = 2
+
     def __init__(self, *, channels: int):
         super().__init__()
         a = torch.tensor([1.0, 2.0, 1.0])
@@ -180,7 +182,16 @@ class _BlurPool(nn.Module):
         self.register_buffer("filt", (filt / filt.sum())[None, None].repeat(channels, 1, 1, 1))  # (C, 1, 3, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt, stride=2, groups=x.shape[1])
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt, stride=self.stride, groups=x.shape[1])
+
+
+def backbone_stride(backbone: nn.Module) -> int:
+    """The total downsampling of a feature stack: the product of its layers' strides (convs, pools, blur-pools)."""
+    total = 1
+    for module in backbone.modules():
+        stride = getattr(module, "stride", 1)
+        total *= stride[0] if isinstance(stride, tuple) else stride
+    return total
 
 
 def _shift_tolerant_alexnet() -> list[nn.Module]:

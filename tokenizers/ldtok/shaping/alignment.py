@@ -106,15 +106,15 @@ class FrozenConvEncoder(nn.Module):
 
     def __init__(self, net: str):
         super().__init__()
-        from ..perceptual import build_perceptual
+        from ..perceptual import backbone_stride, build_perceptual
 
         if net not in BUILTIN_ALIGN_MODELS:
             raise LdtokError(f"loss.align_model={net}: not a built-in alignment model; use one of "
                              f"{', '.join(BUILTIN_ALIGN_MODELS)} or a local transformers model directory")
         lpips = build_perceptual(net).net  # ShiftTolerantLPIPS, trained backbone
         self.scaling_layer, self.backbone = lpips.scaling_layer, lpips.net
-        self.stride = 8 if net == "stlpips-alex" else 16  # three / four stride-2 blur-pools
-        self.hidden_size = int(getattr(lpips, f"lin{lpips.num_taps - 1}").model[1].in_channels)
+        self.stride = backbone_stride(self.backbone)  # alex 8, vgg 16: three / four stride-2 blur-pools
+        self.hidden_size = [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         self.requires_grad_(False)
         super().train(False)
 
