@@ -66,6 +66,14 @@ KL_VARIANTS = {
     "kl/groups-1": ["model.norm_num_groups=1"],
     # the two factors that each helped, together
     "kl/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
+    # + the colour term (loss.colour_weight, a*/b* L1 of 4x-pooled images) against the perceptual term's saturation
+    "kl/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
+    "kl/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
+    "kl/groups-4+data-v2+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=1"],
+    "kl/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
+                                            "train.seed=1"],
+    "kl/groups-4+data-v2+colour-1-pool-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
+                                            "loss.colour_pool=1"],
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -75,10 +83,17 @@ VQ_VARIANTS = {
     "vq/data-v2": ["data.path={v2}"],
     "vq/groups-4": ["model.norm_num_groups=4"],
     "vq/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
+    "vq/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
+    "vq/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
 }
 VQVAE2_VARIANTS = {
     "vqvae2/base": [],
     "vqvae2/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
+    "vqvae2/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
+    "vqvae2/groups-4+data-v2+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=1"],
+    "vqvae2/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
+                                                "train.seed=1"],
+    "vqvae2/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
 }
 VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
             **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
@@ -136,18 +151,18 @@ def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], va
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    head = f"{'variant':<22}" + "".join(f"{c:>13}" for c in COLUMNS)
+    head = f"{'variant':<36}" + "".join(f"{c:>13}" for c in COLUMNS)
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
-        print(f"{name:<22}" + "".join(f"{r[c]:>13.4f}" for c in COLUMNS))
+        print(f"{name:<36}" + "".join(f"{r[c]:>13.4f}" for c in COLUMNS))
     print("\nchange against the family's base row (delta_e: lower is better; chroma_ratio: 1 is no desaturation):")
     for name, r in rows.items():
         base = rows.get(name.split("/")[0] + "/base")
         if base is None or base is r:
             continue
         d = {c: r[c] - base[c] for c in ("psnr", "delta_e", "chroma_ratio", "lab_shift_a")}
-        print(f"{name:<22} dPSNR {d['psnr']:+7.3f}  dDeltaE {d['delta_e']:+7.3f}  dChroma {d['chroma_ratio']:+7.3f}  "
+        print(f"{name:<36} dPSNR {d['psnr']:+7.3f}  dDeltaE {d['delta_e']:+7.3f}  dChroma {d['chroma_ratio']:+7.3f}  "
               f"da* {d['lab_shift_a']:+7.3f}")
 
 

@@ -86,7 +86,7 @@ def grad_norm(params) -> float:
 # ------------------------------------------------------------------------------------------------ gradients
 
 
-@pytest.mark.parametrize("term", ["rec", "perceptual", "kl", "quant", "gan"])
+@pytest.mark.parametrize("term", ["rec", "perceptual", "colour", "kl", "quant", "gan"])
 def test_each_term_reaches_the_autoencoder(term, lpips_random):
     torch.manual_seed(0)
     ae = ToyAutoencoder(vq=term == "quant")
@@ -94,6 +94,7 @@ def test_each_term_reaches_the_autoencoder(term, lpips_random):
     weights = {
         "rec": {"rec_weight": 1.0},
         "perceptual": {"perceptual_weight": 1.0, "perceptual": "lpips-vgg"},
+        "colour": {"colour_weight": 1.0},
         "kl": {"kl_weight": 1.0},
         "quant": {"quant_weight": 1.0},
         "gan": {"disc_weight": 1.0, "disc_start": 0, "adaptive_weight": False},

@@ -1,8 +1,10 @@
-"""The autoencoder loss: reconstruction + perceptual + KL / quantizer + adaptive-weight PatchGAN (+ LeCAM).
+"""The autoencoder loss: reconstruction + perceptual (+ colour) + KL / quantizer + adaptive-weight PatchGAN (+ LeCAM).
 
 - `config.py`: `LossConfig` (weights and switches, validated: an out-of-range value or an unknown choice is a
   `ConfigError` naming the key).
 - `autoencoder.py`: `AutoencoderLoss` (`generator_loss`, `discriminator_loss`), `build_loss`, `build_discriminator`.
+- `colour.py`: the colour term (`loss.colour_weight`: L1 of the CIELAB a*/b* planes of pooled images) and the
+  differentiable sRGB -> CIELAB conversion.
 - `shaping.py`: the latent-shaping terms of the generator loss (EQ-VAE equivariance, VA-VAE alignment).
 
 Scaling convention: every term is a per-pixel mean. Reconstruction and perceptual are means over pixels; the KL term is

@@ -17,6 +17,7 @@ from ldtok.distributed import all_reduce_, world_size
 from ldtok.outputs import AutoencoderOutput, QuantizerOutput
 from ldtok.perceptual import build_perceptual
 
+from .colour import colour_term
 from .config import LossConfig
 from .shaping import shaping_terms
 
@@ -121,7 +122,8 @@ class AutoencoderLoss(nn.Module):
 
         Returns:
             `(loss, terms)`: the scalar loss to backpropagate, and detached scalars for logging: `loss`, `rec`,
-            `perceptual`, `nll`, `kl` (free-bits KL per image value, unweighted), `kl_nats` (raw per-sample KL),
+            `perceptual`, `colour` (unweighted), `nll`, `kl` (free-bits KL per image value, unweighted), `kl_nats`
+            (raw per-sample KL),
             `quant` (unweighted sum of the quantizer losses), `gan` (unweighted generator GAN loss) and
             `adaptive_weight` (the GAN term's weight, `disc_weight` included), `kl_<level>` (hierarchical KL per
             level, nats), `sparsity`, `contractive`, `equivariance`, `align_cos`, `align_dist` (unweighted); only
@@ -139,6 +141,9 @@ class AutoencoderLoss(nn.Module):
             perceptual = self.perceptual(_rgb(x), _rgb(x_rec)).float().mean()
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
+        if cfg.colour_weight > 0:
+            terms["colour"] = colour_term(x, x_rec, pool=cfg.colour_pool)
+            nll = nll + cfg.colour_weight * terms["colour"]
         terms["nll"] = nll
         rest = self._latent_terms(terms, step=step, num_values=C * H * W, posterior=posterior, quant=quant,
                                   output=output)

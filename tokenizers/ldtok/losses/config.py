@@ -10,7 +10,8 @@ from ldtok.config import check_choice, check_range, invalid
 from ldtok.perceptual import PERCEPTUAL_NETS
 
 NON_NEGATIVE = ("rec_weight", "perceptual_weight", "disc_weight", "disc_start", "adaptive_weight_max", "lecam_weight",
-                "kl_weight", "kl_warmup_steps", "free_bits", "quant_weight", "sparsity_weight", "contractive_weight")
+                "kl_weight", "kl_warmup_steps", "colour_weight", "free_bits", "quant_weight", "sparsity_weight",
+                "contractive_weight")
 
 
 @dataclass
@@ -32,6 +33,10 @@ class LossConfig:
             backbone's convolutions under bf16 autocast (`bf16`) or in fp32; `auto`: bf16 when the run trains in bf16
             (`train.mixed_precision`), fp32 otherwise. The distance (feature normalization, squared differences,
             heads, means) is fp32 either way. The backbone is most of a GAN step's cost at small resolutions.
+        colour_weight (`float`, defaults to 0.0): weight in the NLL of the colour term, L1 between the CIELAB a*/b*
+            planes of the input and the reconstruction, both average-pooled by `colour_pool`, in pixel-L1 units
+            (`ldtok.losses.colour`); it holds the saturation a perceptual term pushes up. 0 is off.
+        colour_pool (`int`, defaults to 4): the colour term's average-pooling factor (1: every pixel).
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
         disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
             the GAN entirely (`disc_active` is then always False).
@@ -83,6 +88,8 @@ class LossConfig:
     perceptual_weight: float = 1.0
     perceptual_random_init: bool = False
     perceptual_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    colour_weight: float = 0.0
+    colour_pool: int = 4
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_weight: float = 0.5
     disc_start: int = 50001
@@ -131,7 +138,7 @@ class LossConfig:
             check_choice(self, name, allowed)
         for name in NON_NEGATIVE:
             check_range(self, name, ge=0)
-        for name in ("disc_channels", "disc_layers"):
+        for name in ("disc_channels", "disc_layers", "colour_pool"):
             check_range(self, name, gt=0)
         check_range(self, "lecam_decay", ge=0.0, lt=1.0)
         reg.validate_classic(self)
