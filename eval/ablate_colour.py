@@ -41,8 +41,9 @@ COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_
 CAST = 0.3  # a global colour cast added to the red (or blue) channel of every validation image, in [-1, 1] units
 
 # The demo recipe as it was before the fix of issue 15, which every variant starts from: the preset's 16 GroupNorm
-# groups (the configs now get 4 from the preset) and the default-v1 training photos (`data.path={v1}`, set below).
-BEFORE_FIX = ["model.norm_num_groups=16"]
+# groups (the configs now get 4 from the preset), the default-v1 training photos (`data.path={v1}`, set below) and
+# no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`).
+BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0"]
 # name -> (config, overrides). `{v1}` / `{v2}` are the train folders of the default dataset's versions.
 KL_VARIANTS = {
     "kl/base": [],
