@@ -45,6 +45,14 @@ CAST = 0.3  # a global colour cast added to the red (or blue) channel of every v
 # no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`).
 BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0"]
 # name -> (config, overrides). `{v1}` / `{v2}` are the train folders of the default dataset's versions.
+
+
+def _with_seeds(name: str, overrides: list[str], seeds=(0, 1, 2)) -> dict[str, list[str]]:
+    """`name` (seed 0) and `name+seed-k` rows of one recipe: the seed-to-seed spread next to its effect."""
+    return {name if seed == 0 else f"{name}+seed-{seed}": [*overrides, *([f"train.seed={seed}"] if seed else [])]
+            for seed in seeds}
+
+
 KL_VARIANTS = {
     "kl/base": [],
     "kl/seed-1": ["train.seed=1"],  # the same recipe with another seed: the noise level of one run
@@ -75,6 +83,11 @@ KL_VARIANTS = {
                                             "train.seed=1"],
     "kl/groups-4+data-v2+colour-1-pool-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
                                             "loss.colour_pool=1"],
+    "kl/groups-4+data-v2+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=2"],
+    "kl/groups-4+data-v2+colour-1+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
+                                            "train.seed=2"],
+    **_with_seeds("kl/groups-4+data-v2+colour-lab-1", ["model.norm_num_groups=4", "data.path={v2}",
+                                                        "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -86,6 +99,11 @@ VQ_VARIANTS = {
     "vq/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
     "vq/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
     "vq/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
+    "vq/groups-4+data-v2+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=1"],
+    "vq/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
+                                            "train.seed=1"],
+    **_with_seeds("vq/groups-4+data-v2+colour-lab-1", ["model.norm_num_groups=4", "data.path={v2}",
+                                                        "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
 }
 VQVAE2_VARIANTS = {
     "vqvae2/base": [],
@@ -95,6 +113,11 @@ VQVAE2_VARIANTS = {
     "vqvae2/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
                                                 "train.seed=1"],
     "vqvae2/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
+    "vqvae2/groups-4+data-v2+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=2"],
+    "vqvae2/groups-4+data-v2+colour-1+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
+                                                "train.seed=2"],
+    **_with_seeds("vqvae2/groups-4+data-v2+colour-lab-1", ["model.norm_num_groups=4", "data.path={v2}",
+                                                            "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
 }
 VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
             **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},

@@ -80,3 +80,24 @@ def test_colour_term_is_weighted_into_the_nll_and_off_by_default():
 def test_bad_colour_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         LossConfig(**{key: value})
+
+
+def test_lab_channels_also_hold_the_lightness_of_each_region():
+    x = images(seed=0)
+    grey = _grey(x)
+    lighter = (grey + 0.3).clamp(-1, 1)
+    assert colour_term(grey, lighter, pool=4, channels="ab") < 1e-4  # the chroma alone lets lightness drift
+    lab = colour_term(grey, lighter, pool=4, channels="lab")
+    pooled = torch.nn.functional.avg_pool2d
+    expected = (rgb_to_lab(pooled(lighter, 4))[:, 0] - rgb_to_lab(pooled(grey, 4))[:, 0]).abs().mean() / LAB_UNIT
+    assert lab > 0.1 and torch.allclose(lab, expected, rtol=1e-3)
+    half = 0.5 * x + 0.5 * grey  # "lab" keeps the whole chroma error and adds the lightness error to it
+    ab, lab_half = colour_term(x, half, pool=4), colour_term(x, half, pool=4, channels="lab")
+    light = (rgb_to_lab(pooled(half, 4))[:, 0] - rgb_to_lab(pooled(x, 4))[:, 0]).abs().mean() / LAB_UNIT
+    assert torch.allclose(lab_half, ab + light, rtol=1e-4)
+    cfg = LossConfig(**{**OFF, "rec_weight": 1.0, "colour_weight": 1.0, "colour_channels": "lab"})
+    _, terms = AutoencoderLoss(config=cfg, perceptual=None).generator_loss(
+        grey, lighter, discriminator=None, last_layer=None, step=0)
+    assert torch.allclose(terms["colour"], lab)
+    with pytest.raises(ConfigError, match="colour_channels"):
+        LossConfig(colour_channels="rgb")

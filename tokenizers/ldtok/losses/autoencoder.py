@@ -142,7 +142,7 @@ class AutoencoderLoss(nn.Module):
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
         if cfg.colour_weight > 0:
-            terms["colour"] = colour_term(x, x_rec, pool=cfg.colour_pool)
+            terms["colour"] = colour_term(x, x_rec, pool=cfg.colour_pool, channels=cfg.colour_channels)
             nll = nll + cfg.colour_weight * terms["colour"]
         terms["nll"] = nll
         rest = self._latent_terms(terms, step=step, num_values=C * H * W, posterior=posterior, quant=quant,

@@ -9,6 +9,8 @@ from ldtok import regularizers as reg
 from ldtok.config import check_choice, check_range, invalid
 from ldtok.perceptual import PERCEPTUAL_NETS
 
+from .colour import COLOUR_CHANNELS
+
 NON_NEGATIVE = ("rec_weight", "perceptual_weight", "disc_weight", "disc_start", "adaptive_weight_max", "lecam_weight",
                 "kl_weight", "kl_warmup_steps", "colour_weight", "free_bits", "quant_weight", "sparsity_weight",
                 "contractive_weight")
@@ -37,6 +39,8 @@ class LossConfig:
             planes of the input and the reconstruction, both average-pooled by `colour_pool`, in pixel-L1 units
             (`ldtok.losses.colour`); it holds the saturation a perceptual term pushes up. 0 is off.
         colour_pool (`int`, defaults to 4): the colour term's average-pooling factor (1: every pixel).
+        colour_channels (`str`, defaults to `"ab"`): what the colour term compares: `"ab"` the chroma planes only,
+            `"lab"` the chroma plus the pooled lightness L* (which then cannot drift to buy chroma).
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
         disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
             the GAN entirely (`disc_active` is then always False).
@@ -90,6 +94,7 @@ class LossConfig:
     perceptual_precision: Literal["auto", "fp32", "bf16"] = "auto"
     colour_weight: float = 0.0
     colour_pool: int = 4
+    colour_channels: Literal["ab", "lab"] = "ab"
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_weight: float = 0.5
     disc_start: int = 50001
@@ -131,6 +136,7 @@ class LossConfig:
             "disc_loss": ("hinge", "non_saturating"),
             "perceptual": PERCEPTUAL_NETS,
             "perceptual_precision": ("auto", "fp32", "bf16"),
+            "colour_channels": COLOUR_CHANNELS,
             "kl_schedule": reg.KL_SCHEDULES,
             "sparsity": reg.SPARSITY_KINDS,
         }
