@@ -44,13 +44,16 @@ CAST = 0.3  # a global colour cast added to the red (or blue) channel of every v
 # groups (the configs now get 4 from the preset), the default-v1 training photos (`data.path={v1}`, set below) and
 # no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`).
 BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0"]
-# name -> (config, overrides). `{v1}` / `{v2}` are the train folders of the default dataset's versions.
+FIXED = ["model.norm_num_groups=4", "data.path={v2}"]  # the demo configs' colour fixes, on top of BEFORE_FIX
 
 
 def _with_seeds(name: str, overrides: list[str], seeds=(0, 1, 2)) -> dict[str, list[str]]:
     """`name` (seed 0) and `name+seed-k` rows of one recipe: the seed-to-seed spread next to its effect."""
     return {name if seed == 0 else f"{name}+seed-{seed}": [*overrides, *([f"train.seed={seed}"] if seed else [])]
             for seed in seeds}
+
+
+# name -> (config, overrides). `{v1}` / `{v2}` are the train folders of the default dataset's versions.
 
 
 KL_VARIANTS = {
@@ -78,16 +81,11 @@ KL_VARIANTS = {
     # + the colour term (loss.colour_weight, a*/b* L1 of 4x-pooled images) against the perceptual term's saturation
     "kl/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
     "kl/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
-    "kl/groups-4+data-v2+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=1"],
-    "kl/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
-                                            "train.seed=1"],
+    **_with_seeds("kl/groups-4+data-v2", [*FIXED], seeds=(1, 2)),
+    **_with_seeds("kl/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1, 2)),
     "kl/groups-4+data-v2+colour-1-pool-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
                                             "loss.colour_pool=1"],
-    "kl/groups-4+data-v2+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=2"],
-    "kl/groups-4+data-v2+colour-1+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
-                                            "train.seed=2"],
-    **_with_seeds("kl/groups-4+data-v2+colour-lab-1", ["model.norm_num_groups=4", "data.path={v2}",
-                                                        "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
+    **_with_seeds("kl/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -99,25 +97,19 @@ VQ_VARIANTS = {
     "vq/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
     "vq/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
     "vq/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
-    "vq/groups-4+data-v2+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=1"],
-    "vq/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
-                                            "train.seed=1"],
-    **_with_seeds("vq/groups-4+data-v2+colour-lab-1", ["model.norm_num_groups=4", "data.path={v2}",
-                                                        "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
+    **_with_seeds("vq/groups-4+data-v2", [*FIXED], seeds=(1,)),
+    **_with_seeds("vq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1,)),
+    **_with_seeds("vq/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
 }
 VQVAE2_VARIANTS = {
     "vqvae2/base": [],
     "vqvae2/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
     "vqvae2/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
-    "vqvae2/groups-4+data-v2+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=1"],
-    "vqvae2/groups-4+data-v2+colour-1+seed-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
-                                                "train.seed=1"],
+    **_with_seeds("vqvae2/groups-4+data-v2", [*FIXED], seeds=(1, 2)),
+    **_with_seeds("vqvae2/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1, 2)),
     "vqvae2/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
-    "vqvae2/groups-4+data-v2+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "train.seed=2"],
-    "vqvae2/groups-4+data-v2+colour-1+seed-2": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
-                                                "train.seed=2"],
-    **_with_seeds("vqvae2/groups-4+data-v2+colour-lab-1", ["model.norm_num_groups=4", "data.path={v2}",
-                                                            "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
+    **_with_seeds("vqvae2/groups-4+data-v2+colour-lab-1",
+                  [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
 }
 VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
             **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
