@@ -26,8 +26,11 @@ demo: $(STAMP)
 	$(BIN)/ldtok eval --model runs/demo-kl/final --out runs/demo-kl/eval --data-source default --split validation \
 		--resolution 64 --perceptual stlpips-alex --fid off
 
+# The suite on TEST_WORKERS pytest-xdist processes (one torch thread each); `make test TEST_WORKERS=0` runs it in
+# this process. loadfile: a file's tests stay on one worker, so its module fixtures (trained models) are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check tokenizers train eval tests

@@ -9,9 +9,20 @@ sys.path.insert(0, str(ROOT / "tokenizers"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of several pytest-xdist workers (`make test`): the workers already fill the cores, so each (and every
+    # process it launches) runs torch on one thread instead of oversubscribing them.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
