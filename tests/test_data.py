@@ -261,3 +261,54 @@ def test_default_dataset_uses_the_winner_when_losing_the_rename_race(tmp_path, m
     assert default_dataset.default_dataset_dir(tmp_path) == final
     assert json.loads((final / "manifest.json").read_text()) == {"winner": True}
     assert os.listdir(tmp_path) == [default_dataset.DATASET_NAME]
+
+
+def _rgb_to_hsv(x):
+    from skimage.color import rgb2hsv
+
+    return torch.from_numpy(rgb2hsv(((x + 1) / 2).permute(1, 2, 0).numpy())).permute(2, 0, 1)
+
+
+def test_colour_jitter_rotates_hue_scales_saturation_keeps_grey_and_the_crops():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    photo[:, :24] = 128  # a grey half: no hue to rotate, no saturation to scale
+    image = Image.fromarray(photo)
+    plain = ImageTransform(resolution=32, random_crop=True, random_flip=True)
+    jitter = ImageTransform(resolution=32, random_crop=True, random_flip=True, hue_jitter=0.5, saturation_jitter=0.5)
+    assert jitter.is_random and ImageTransform(resolution=32, saturation_jitter=0.2).is_random
+    hue_shifts, sat_ratios = [], []
+    for seed in range(8):
+        x = plain(image, generator=torch.Generator().manual_seed(seed))
+        y = jitter(image, generator=torch.Generator().manual_seed(seed))
+        grey = (x.max(0).values - x.min(0).values) < 1e-6
+        assert grey.any() and (~grey).any()
+        # the crop and the flip are the ones the plain transform draws: grey stays where it was, and stays grey
+        assert torch.allclose(y[:, grey], x[:, grey], atol=2e-3)
+        hsv_x, hsv_y = _rgb_to_hsv(x), _rgb_to_hsv(y)
+        coloured = ~grey & (hsv_x[1] > 0.3)
+        # every coloured pixel moves by the same hue and saturation factor (up to clipping and rounding)
+        shift = torch.remainder(hsv_y[0] - hsv_x[0] + 0.5, 1.0) - 0.5
+        hue_shifts.append(shift[coloured].median())
+        sat_ratios.append((hsv_y[1][coloured] / hsv_x[1][coloured]).median())
+        assert y.min() >= -1 and y.max() <= 1
+        assert torch.equal(y, jitter(image, generator=torch.Generator().manual_seed(seed)))
+    hue_shifts, sat_ratios = torch.stack(hue_shifts), torch.stack(sat_ratios)
+    assert hue_shifts.abs().max() <= 0.5 and hue_shifts.std() > 0.1, hue_shifts
+    assert sat_ratios.min() >= 0.49 and sat_ratios.max() <= 1.51 and sat_ratios.std() > 0.1, sat_ratios
+
+
+def test_colour_jitter_is_training_only_validated_and_named(parquet_dataset, tmp_path):
+    config = DataConfig(source="hf", name=str(parquet_dataset), resolution=16, cache_dir=str(tmp_path / "hf"),
+                        crop="center", flip=False, hue_jitter=0.5, saturation_jitter=0.5)
+    plain = dataclasses.replace(config, hue_jitter=0.0, saturation_jitter=0.0)
+
+    def pixels(c, train):
+        return collate(_items(build_dataset(c, train=train, seed=0)))["pixel_values"]
+
+    assert torch.equal(pixels(config, False), pixels(plain, False))  # evaluation and encoding never jitter
+    assert not torch.equal(pixels(config, True), pixels(plain, True))
+    assert torch.equal(pixels(plain, True), pixels(plain, False))  # center crop, no flip, no jitter: nothing random
+    for key, value in (("hue_jitter", 0.6), ("hue_jitter", -0.1), ("saturation_jitter", 1.0)):
+        with pytest.raises(ValueError, match=key):
+            DataConfig(**{key: value})

@@ -18,8 +18,9 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0, hold
 
     Args:
         config (`DataConfig`): the data settings.
-        train (`bool`, defaults to `True`): training transforms (`config.crop`, `config.flip`); `False` gives the
-            deterministic evaluation / encoding transform (center crop, no flip) whatever the config says.
+        train (`bool`, defaults to `True`): training transforms (`config.crop`, `config.flip`, the colour jitter);
+            `False` gives the deterministic evaluation / encoding transform (center crop, no flip, no jitter) whatever
+            the config says.
         seed (`int`, defaults to 0): seeds the random crops and flips, with the epoch (`dataset.set_epoch`) and the
             sample index; and, with `train=True`, a streaming dataset's shuffle (`config.shuffle_buffer`).
         holdout (`"exclude"` or `"only"`, *optional*): drop the `config.val_fraction` validation holdout, or keep only
@@ -43,6 +44,8 @@ def build_dataset(config: DataConfig, *, train: bool = True, seed: int = 0, hold
         random_crop=train and config.crop == "random",
         random_flip=train and config.flip,
         channels=config.channels,
+        hue_jitter=config.hue_jitter if train else 0.0,
+        saturation_jitter=config.saturation_jitter if train else 0.0,
     )
     processor = SampleProcessor(
         transform=transform,

@@ -38,6 +38,12 @@ class DataConfig:
         resolution (`int`, defaults to 256): side `R` of the square output images.
         crop (`"random"` or `"center"`, defaults to `"random"`): training crop; evaluation always crops the center.
         flip (`bool`, defaults to `True`): random horizontal flips (p=0.5) in training.
+        hue_jitter (`float`, defaults to 0): in training, rotate each image's hue by a uniform fraction of the colour
+            wheel in `[-hue_jitter, hue_jitter]` (at most 0.5, torchvision `ColorJitter`'s `hue`). With few source
+            photos a tokenizer otherwise learns which colours each kind of content has, and paints them onto
+            unseen regions (issue 15: grey suits come back tinted); RGB only.
+        saturation_jitter (`float`, defaults to 0): in training, scale each image's saturation by a uniform factor in
+            `[1 - saturation_jitter, 1 + saturation_jitter]` (below 1; `ColorJitter`'s `saturation`); RGB only.
         on_bad_image (`"skip"` or `"error"`, defaults to `"skip"`): what an undecodable image does: yield a
             `{"skipped": id}` item (and log a warning), or raise a `ValueError` naming it.
         num_workers (`int`, defaults to 0): DataLoader worker processes (read by the scripts that build loaders).
@@ -64,6 +70,8 @@ class DataConfig:
     resolution: int = 256
     crop: Literal["random", "center"] = "random"
     flip: bool = True
+    hue_jitter: float = 0.0
+    saturation_jitter: float = 0.0
     on_bad_image: Literal["skip", "error"] = "skip"
     num_workers: int = 0
     max_samples: int | None = None
@@ -83,4 +91,6 @@ class DataConfig:
         check_range(self, "num_workers", ge=0)
         check_range(self, "max_samples", ge=0)
         check_range(self, "val_fraction", ge=0.0, lt=1.0)
+        check_range(self, "hue_jitter", ge=0.0, le=0.5)
+        check_range(self, "saturation_jitter", ge=0.0, lt=1.0)
         check_range(self, "shuffle_buffer", ge=0)
