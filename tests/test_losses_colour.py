@@ -101,3 +101,42 @@ def test_lab_channels_also_hold_the_lightness_of_each_region():
     assert torch.allclose(terms["colour"], lab)
     with pytest.raises(ConfigError, match="colour_channels"):
         LossConfig(colour_channels="rgb")
+
+
+class _PerChannelL1(torch.nn.Module):
+    """A hand-made frozen 'perceptual distance': the L1 of each channel, weighted 1 / 2 / 3, so that it tells the
+    channels apart (a luma input gives three equal channels)."""
+
+    def forward(self, a, b):
+        w = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+        return ((a - b).abs() * w).mean(dim=(1, 2, 3))
+
+
+def test_luma_perceptual_input_sees_lightness_only_and_moves_no_chroma():
+    from ldtok.losses.autoencoder import LUMA_WEIGHTS
+
+    x = images(seed=0)
+    w = torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+    chroma_only = torch.tensor([0.114, 0.0, -0.299]).view(1, 3, 1, 1)  # w . d = 0: the luma stays the same
+    assert abs(float((chroma_only * w).sum())) < 1e-9
+
+    def perceptual(inp, x_rec):
+        cfg = LossConfig(**{**OFF, "perceptual_weight": 1.0, "perceptual": "stlpips-alex", "perceptual_input": inp})
+        x_rec = x_rec.clone().requires_grad_()
+        loss, terms = AutoencoderLoss(config=cfg, perceptual=_PerChannelL1()).generator_loss(
+            x, x_rec, discriminator=None, last_layer=None, step=0)
+        loss.backward()
+        return terms["perceptual"], x_rec.grad
+
+    recolored = x + 0.2 * chroma_only
+    luma_term, _ = perceptual("luma", recolored)
+    rgb_term, _ = perceptual("rgb", recolored)
+    assert luma_term < 1e-6 < rgb_term  # a colour change of equal luma is invisible to the luma input only
+    # a lighter image: its luma is 0.2 higher in all three channels, weighted (1 + 2 + 3) / 3
+    assert torch.allclose(perceptual("luma", x + 0.2)[0], torch.tensor(0.2 * 2.0), rtol=1e-4)
+    # the gradient reaches x_rec through its luma only: at every pixel it is parallel to the luma weights
+    _, grad = perceptual("luma", x + 0.1 * torch.randn_like(x))
+    ratio = grad / w
+    assert (grad.abs().sum() > 0) and torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-6, rtol=1e-4)
+    with pytest.raises(ConfigError, match="perceptual_input"):
+        LossConfig(perceptual_input="lab")

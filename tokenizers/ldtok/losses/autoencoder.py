@@ -138,7 +138,8 @@ class AutoencoderLoss(nn.Module):
         terms["rec"] = rec
         nll = cfg.rec_weight * rec
         if self.perceptual is not None and cfg.perceptual_weight > 0:
-            perceptual = self.perceptual(_rgb(x), _rgb(x_rec)).float().mean()
+            see = _luma if cfg.perceptual_input == "luma" else _rgb
+            perceptual = self.perceptual(see(x), see(x_rec)).float().mean()
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
         if cfg.colour_weight > 0:
@@ -285,6 +286,17 @@ class AutoencoderLoss(nn.Module):
 def _rgb(x: Tensor) -> Tensor:
     """Greyscale `(B, 1, H, W)` replicated to 3 channels (the perceptual nets and the discriminator see RGB)."""
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # Rec. 601
+
+
+def _luma(x: Tensor) -> Tensor:
+    """The luma of RGB `(B, 3, H, W)` (greyscale as it is) replicated to 3 channels (`loss.perceptual_input=luma`)."""
+    if x.shape[1] == 1:
+        return _rgb(x)
+    w = x.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

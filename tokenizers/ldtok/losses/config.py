@@ -35,6 +35,10 @@ class LossConfig:
             backbone's convolutions under bf16 autocast (`bf16`) or in fp32; `auto`: bf16 when the run trains in bf16
             (`train.mixed_precision`), fp32 otherwise. The distance (feature normalization, squared differences,
             heads, means) is fp32 either way. The backbone is most of a GAN step's cost at small resolutions.
+        perceptual_input (`"rgb"` or `"luma"`, defaults to `"rgb"`): what the perceptual term of the NLL compares:
+            the RGB images, or their luma (Rec. 601 weights) replicated to three channels, so that its gradient
+            moves lightness only and the pixel loss alone sets the colour (issue 15: an RGB perceptual term makes
+            small tokenizers over-saturate). The shaping terms' perceptual distances stay RGB.
         colour_weight (`float`, defaults to 0.0): weight in the NLL of the colour term, L1 between the CIELAB a*/b*
             planes of the input and the reconstruction, both average-pooled by `colour_pool`, in pixel-L1 units
             (`ldtok.losses.colour`); it holds the saturation a perceptual term pushes up. 0 is off.
@@ -92,6 +96,7 @@ class LossConfig:
     perceptual_weight: float = 1.0
     perceptual_random_init: bool = False
     perceptual_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    perceptual_input: Literal["rgb", "luma"] = "rgb"
     colour_weight: float = 0.0
     colour_pool: int = 4
     colour_channels: Literal["ab", "lab"] = "ab"
@@ -136,6 +141,7 @@ class LossConfig:
             "disc_loss": ("hinge", "non_saturating"),
             "perceptual": PERCEPTUAL_NETS,
             "perceptual_precision": ("auto", "fp32", "bf16"),
+            "perceptual_input": ("rgb", "luma"),
             "colour_channels": COLOUR_CHANNELS,
             "kl_schedule": reg.KL_SCHEDULES,
             "sparsity": reg.SPARSITY_KINDS,
