@@ -10,7 +10,8 @@ the 64 validation crops of the embedded dataset's `default-v1` version (the 7 sc
 white helmet and the white rocket among them), read as a folder so that every variant, whatever its training data,
 sees identical pixels. The numbers are the training validation of the final model (`ldtok.validation.validate`):
 PSNR, SSIM, mean CIEDE2000, chroma ratio and mean Lab shifts, plus a probe (`cast_gains`): how much of a global red /
-blue cast added to the input survives in the output. The schedule (cosine over `--steps`, 20 warm-up steps) is the
+blue cast added to the input survives in the output, and the ST-LPIPS alex / vgg distances of the reconstructions
+(`perceptual_scores`; what a perceptual term buys). The schedule (cosine over `--steps`, 20 warm-up steps) is the
 demo's, compressed to `--steps`.
 
 Not ablated: LPIPS-VGG / LPIPS-Alex (their torchvision ImageNet backbones are not available offline here and are never
@@ -37,7 +38,10 @@ from ldtok.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b", "cast_gain_r",
-           "cast_gain_b")
+           "cast_gain_b", "stlpips_alex", "stlpips_vgg")
+# The trained ST-LPIPS networks (their weights ship with pip) that score the final model on the validation crops:
+# alex is what the demos train with, vgg a second judge that no variant trains on.
+JUDGES = ("stlpips-alex", "stlpips-vgg")
 CAST = 0.3  # a global colour cast added to the red (or blue) channel of every validation image, in [-1, 1] units
 
 # The demo recipe as it was before the fix of issue 15, which every variant starts from: the preset's 16 GroupNorm
@@ -86,6 +90,18 @@ KL_VARIANTS = {
     "kl/groups-4+data-v2+colour-1-pool-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0",
                                             "loss.colour_pool=1"],
     **_with_seeds("kl/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
+    # the lever the 250-step rows found for the chroma ratio: a lighter perceptual term instead of a colour term
+    **_with_seeds("kl/groups-4+data-v2+perceptual-0.25", [*FIXED, "loss.perceptual_weight=0.25"]),
+    **_with_seeds("kl/groups-4+data-v2+perceptual-0.1", [*FIXED, "loss.perceptual_weight=0.1"]),
+    # the GAN (on from step 300 in the demo) over the demo's 500 steps; the 250-step rows end before it starts
+    **_with_seeds("kl/groups-4+data-v2+no-gan", [*FIXED, "loss.disc_weight=0"]),
+    **_with_seeds("kl/groups-4+data-v2+no-perceptual", [*FIXED, "loss.perceptual=none", "loss.perceptual_weight=0"]),
+    # colour augmentation: a random hue rotation and saturation scale of every training crop, so that colour must be
+    # read from the input instead of recalled from the content (grey validation suits came back tinted)
+    **_with_seeds("kl/groups-4+data-v2+jitter-0.1-0.3", [*FIXED, "data.hue_jitter=0.1", "data.saturation_jitter=0.3"]),
+    **_with_seeds("kl/groups-4+data-v2+jitter-0.5-0.5", [*FIXED, "data.hue_jitter=0.5", "data.saturation_jitter=0.5"]),
+    # the perceptual term on the luma only (loss.perceptual_input=luma): the pixel loss alone sets the colour
+    **_with_seeds("kl/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -100,6 +116,7 @@ VQ_VARIANTS = {
     **_with_seeds("vq/groups-4+data-v2", [*FIXED], seeds=(1,)),
     **_with_seeds("vq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1,)),
     **_with_seeds("vq/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
+    **_with_seeds("vq/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
 }
 VQVAE2_VARIANTS = {
     "vqvae2/base": [],
@@ -110,6 +127,7 @@ VQVAE2_VARIANTS = {
     "vqvae2/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
     **_with_seeds("vqvae2/groups-4+data-v2+colour-lab-1",
                   [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
+    **_with_seeds("vqvae2/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
 }
 VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
             **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
@@ -138,7 +156,20 @@ def cast_gains(model_dir: Path, images) -> dict[str, float]:
     return gains
 
 
-def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], val_dir: str, images) -> dict:
+def perceptual_scores(model_dir: Path, images, judges: dict) -> dict[str, float]:
+    """Mean ST-LPIPS distance (lower is better) of the final model's reconstructions of `images`, per judge."""
+    import torch
+
+    from ldtok.models import load_tokenizer
+
+    model = load_tokenizer(str(model_dir)).eval()
+    with torch.no_grad():
+        rec = torch.cat([model(chunk).sample.float().clamp(-1, 1) for chunk in images.split(16)])
+        return {name.replace("-", "_"): float(net(images, rec).mean()) for name, net in judges.items()}
+
+
+def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], val_dir: str, images, val_images,
+                judges: dict) -> dict:
     """Train one variant (unless its `summary.json` exists) and return its final validation metrics."""
     config, script, overrides = VARIANTS[name]
     run_dir = out / name.replace("/", "__")
@@ -162,8 +193,9 @@ def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], va
     result = json.loads(summary.read_text())
     val = result["validation"]
     gains = cast_gains(run_dir / "final", images)
+    scores = perceptual_scores(run_dir / "final", val_images, judges)
     return {"overrides": overrides, "steps": result["steps"], "grid": val.get("grid"),
-            **{k: val[k] for k in COLUMNS if k in val}, **gains}
+            **{k: val[k] for k in COLUMNS if k in val}, **gains, **scores}
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -171,7 +203,7 @@ def print_table(rows: dict[str, dict]) -> None:
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
-        print(f"{name:<36}" + "".join(f"{r[c]:>13.4f}" for c in COLUMNS))
+        print(f"{name:<36}" + "".join(f"{r.get(c, float('nan')):>13.4f}" for c in COLUMNS))
     print("\nchange against the family's base row (delta_e: lower is better; chroma_ratio: 1 is no desaturation):")
     for name, r in rows.items():
         base = rows.get(name.split("/")[0] + "/base")
@@ -217,11 +249,15 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "eval"))
     from colour_compare import load_folder
 
-    images = load_folder(str(v1 / "validation"), resolution=64)[:32]  # (32, 3, 64, 64), for the colour-cast probe
+    from ldtok.perceptual import build_perceptual
+
+    val_images = load_folder(str(v1 / "validation"), resolution=64)  # (64, 3, 64, 64), what validation scores
+    images = val_images[:32]  # for the colour-cast probe
+    judges = {name: build_perceptual(name) for name in JUDGES}
     rows = {}
     for name in names:
         rows[name] = run_variant(name, out=out, steps=args.steps, folders=folders, val_dir=str(v1 / "validation"),
-                                 images=images)
+                                 images=images, val_images=val_images, judges=judges)
     print_table(rows)
     settings = {"steps": args.steps, "resolution": 64, "batch_size": 8, "validation": str(v1 / "validation"),
                 "validation_images": 64, "machine": "CPU, 1 process, OMP_NUM_THREADS=1"}
