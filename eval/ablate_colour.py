@@ -46,8 +46,9 @@ CAST = 0.3  # a global colour cast added to the red (or blue) channel of every v
 
 # The demo recipe as it was before the fix of issue 15, which every variant starts from: the preset's 16 GroupNorm
 # groups (the configs now get 4 from the preset), the default-v1 training photos (`data.path={v1}`, set below) and
-# no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`).
-BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0"]
+# no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`), and the perceptual term on RGB (demo-kl
+# now sets `loss.perceptual_input=luma`).
+BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0", "loss.perceptual_input=rgb"]
 FIXED = ["model.norm_num_groups=4", "data.path={v2}"]  # the demo configs' colour fixes, on top of BEFORE_FIX
 
 
