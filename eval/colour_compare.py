@@ -6,17 +6,18 @@
 Every model reconstructs every image of `--data` (a folder, evaluation transform: resize + center crop to
 `--resolution`); the script prints PSNR, SSIM, mean CIEDE2000, chroma ratio and mean Lab shifts per model
 (`ldtok.validation.validate`, the numbers training logs) and writes one grid: the first `--grid` originals on top, then
-one row of reconstructions per model, in the order given. `--json` also writes the numbers.
+one row of reconstructions per model, in the order given. `--json` also writes the numbers; `--breakdown` adds the
+chroma ratio per source photo and after pooling (is it noise, one photo, or every region?).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ldtok.atomic import write_json_atomic
 from ldtok.config import check_range, invalid
 from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 from ldtok.errors import run_cli
@@ -24,12 +25,35 @@ from ldtok.errors import run_cli
 COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b")
 
 
-def load_folder(path: str, *, resolution: int) -> torch.Tensor:
-    """Every decodable image of the folder, `(N, 3, R, R)` in `[-1, 1]`, in file order."""
+def load_folder(path: str, *, resolution: int, with_ids: bool = False):
+    """Every decodable image of the folder, `(N, 3, R, R)` in `[-1, 1]`, in file order (and, with `with_ids`, their
+    file names)."""
     from ldtok.data import DataConfig, build_dataset
 
     dataset = build_dataset(DataConfig(source="folder", path=path, resolution=resolution), train=False)
-    return torch.stack([item["pixel_values"] for item in dataset if "pixel_values" in item])
+    items = [item for item in dataset if "pixel_values" in item]
+    images = torch.stack([item["pixel_values"] for item in items])
+    return (images, [item["id"] for item in items]) if with_ids else images
+
+
+def chroma_breakdown(images: torch.Tensor, rec: torch.Tensor, ids: list[str]) -> dict:
+    """Where the chroma ratio comes from: per source photo (the embedded crops are named `NNNN_<photo>.png`), with
+    the photo's mean original chroma, and for the whole set after average-pooling both images by 2, 4 and 8 (colour
+    noise raises the per-pixel ratio; a regional over- or under-saturation survives the pooling)."""
+    import torch.nn.functional as F
+
+    from ldtok.metrics.colour import colour_metrics, colour_stats
+
+    stats = colour_stats(images, rec)
+    photos: dict[str, list[int]] = {}
+    for i, name in enumerate(ids):
+        photos.setdefault(Path(name).stem.split("_", 1)[-1], []).append(i)
+    per_photo = {photo: {"images": len(idx), "chroma": float(stats.chroma[idx].mean()),
+                         "chroma_ratio": float(stats.chroma_rec[idx].sum() / stats.chroma[idx].sum())}
+                 for photo, idx in photos.items()}
+    pooled = {f"pool_{k}": colour_metrics(F.avg_pool2d(images, k), F.avg_pool2d(rec, k)).chroma_ratio
+              for k in (2, 4, 8) if images.shape[-1] % k == 0}
+    return {"per_photo": per_photo, **pooled}
 
 
 @dataclass
@@ -43,6 +67,8 @@ class CompareOptions:
         grid (`int`, defaults to 8): images in the grid.
         out (`str`): the grid PNG.
         json (`str`, *optional*): also write the numbers here.
+        breakdown (`bool`, defaults to `False`): also print each model's chroma ratio per source photo and after
+            pooling (`chroma_breakdown`).
     """
 
     model: list[str]
@@ -51,6 +77,7 @@ class CompareOptions:
     resolution: int = 64
     grid: int = 8
     json: str | None = None
+    breakdown: bool = False
 
     def __post_init__(self):
         bad = [m for m in self.model if "=" not in m]
@@ -68,24 +95,33 @@ def main() -> None:
     from ldtok.models import load_tokenizer
     from ldtok.validation import validate
 
-    images = load_folder(str(Path(args.data).expanduser()), resolution=args.resolution)
+    images, ids = load_folder(str(Path(args.data).expanduser()), resolution=args.resolution, with_ids=True)
     rows, results = [images[: args.grid]], {}
     for spec in args.model:
         name, _, path = spec.partition("=")
         model = load_tokenizer(path).eval()
         results[name] = {"path": path, **{k: v for k, v in validate(model, images, device="cpu").items()}}
         with torch.no_grad():
-            rows.append(model(images[: args.grid]).sample.float().clamp(-1, 1))
+            rec = torch.cat([model(chunk).sample.float().clamp(-1, 1) for chunk in images.split(16)])
+        rows.append(rec[: args.grid])
+        if args.breakdown:
+            results[name]["breakdown"] = chroma_breakdown(images, rec, ids)
     print(f"{len(images)} images from {args.data} at {args.resolution} px")
     print(f"{'model':<16}" + "".join(f"{c:>13}" for c in COLUMNS))
     for name, r in results.items():
         print(f"{name:<16}" + "".join(f"{r[c]:>13.4f}" for c in COLUMNS))
+    if args.breakdown:
+        print("\nchroma ratio per source photo (its mean original chroma), and of the whole set pooled 2x / 4x / 8x:")
+        for name, r in results.items():
+            b = r["breakdown"]
+            photos = "  ".join(f"{p} ({v['chroma']:.0f}) {v['chroma_ratio']:.2f}" for p, v in b["per_photo"].items())
+            pooled = " / ".join(f"{v:.2f}" for k, v in b.items() if k.startswith("pool_"))
+            print(f"{name:<16} {photos}  |  pooled {pooled}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_image_atomic(make_grid(rows), args.out)
     print(f"grid: {args.out} (top: originals; then one row per model: {', '.join(results)})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"data": args.data, "num_images": len(images), "models": results},
-                                              indent=2) + "\n")
+        write_json_atomic(args.json, {"data": args.data, "num_images": len(images), "models": results}, indent=2)
 
 
 if __name__ == "__main__":
