@@ -118,6 +118,8 @@ VQ_VARIANTS = {
     **_with_seeds("vq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1,)),
     **_with_seeds("vq/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
     **_with_seeds("vq/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
+    **_with_seeds("vq/groups-4+data-v2+colour-1+luma",
+                  [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
 VQVAE2_VARIANTS = {
     "vqvae2/base": [],
@@ -129,6 +131,9 @@ VQVAE2_VARIANTS = {
     **_with_seeds("vqvae2/groups-4+data-v2+colour-lab-1",
                   [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
     **_with_seeds("vqvae2/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
+    # the colour term (what demo-vqvae2 uses) and the luma perceptual input together
+    **_with_seeds("vqvae2/groups-4+data-v2+colour-1+luma",
+                  [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
 VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
             **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
