@@ -135,7 +135,36 @@ VQVAE2_VARIANTS = {
     **_with_seeds("vqvae2/groups-4+data-v2+colour-1+luma",
                   [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
+# The 256 px presets' loss recipe (kl-f8, kl-f16, vq-f8-16k, vq-f16-16k, vqvae2-256 ...: LPIPS-VGG weight 1.0, GAN
+# weight 0.5; ST-LPIPS vgg stands in for LPIPS-VGG, whose ImageNet backbone is a download) on the demo models, the
+# default-v2 data and the demo's compressed schedule: what the perceptual net and weight of the presets do to colour.
+# The vgg judge below is then the net these rows train with; alex stays independent.
+PRESET_LOSS = [*FIXED, "loss.perceptual=stlpips-vgg", "loss.perceptual_weight=1.0", "loss.disc_weight=0.5"]
+# The kl-f8 shape itself scaled down (f8: 4 levels of 2 ResNet blocks, attention in the middle block, 4 channels per
+# GroupNorm group at the first level) at the demo's widths: at 500 steps it stays far from trained (16-18 dB), too
+# far to judge colour by, so it has one seed per row.
+KL_F8_SHAPE = [*PRESET_LOSS, "model.block_out_channels=[32,64,64,64]", "model.layers_per_block=2",
+               "model.mid_block_add_attention=true", "model.norm_num_groups=8"]
+KL_PRESET_VARIANTS = {
+    **_with_seeds("kl/preset-loss", [*PRESET_LOSS]),
+    **_with_seeds("kl/preset-loss+luma", [*PRESET_LOSS, "loss.perceptual_input=luma"]),
+    # the presets train 20k-50k steps before their GAN starts: the perceptual net and weight alone
+    **_with_seeds("kl/preset-loss+no-gan", [*PRESET_LOSS, "loss.disc_weight=0"]),
+    **_with_seeds("kl/preset-loss+luma+no-gan", [*PRESET_LOSS, "loss.perceptual_input=luma", "loss.disc_weight=0"]),
+    **_with_seeds("kl/preset-loss+colour-1", [*PRESET_LOSS, "loss.colour_weight=1.0"]),
+    **_with_seeds("kl/preset-loss+luma+colour-1",
+                  [*PRESET_LOSS, "loss.perceptual_input=luma", "loss.colour_weight=1.0"]),
+    "klf8/recipe": [*KL_F8_SHAPE],
+    "klf8/recipe+luma": [*KL_F8_SHAPE, "loss.perceptual_input=luma"],
+}
+VQ_PRESET_VARIANTS = {
+    **_with_seeds("vq/preset-loss", [*PRESET_LOSS], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+colour-1", [*PRESET_LOSS, "loss.colour_weight=1.0"], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+luma", [*PRESET_LOSS, "loss.perceptual_input=luma"], seeds=(0, 1)),
+}
 VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
+            **{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_PRESET_VARIANTS.items()},
+            **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_PRESET_VARIANTS.items()},
             **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
             **{k: ("configs/demo-vqvae2.yaml", "train/vq.py", v) for k, v in VQVAE2_VARIANTS.items()}}
 
