@@ -38,7 +38,9 @@ class LossConfig:
         perceptual_input (`"rgb"` or `"luma"`, defaults to `"rgb"`): what the perceptual term of the NLL compares:
             the RGB images, or their luma (Rec. 601 weights) replicated to three channels, so that its gradient
             moves lightness only and the pixel loss alone sets the colour (issue 15: an RGB perceptual term makes
-            small tokenizers over-saturate). The shaping terms' perceptual distances stay RGB.
+            small tokenizers over-saturate). The shaping terms' perceptual distances stay RGB. Measured for
+            ST-LPIPS alex at weight 0.5 (demo-kl); with a VGG net at weight 1.0 (the 256 px presets' recipe) it
+            raised the chroma ratio instead (1.11-1.14 -> 1.24-1.28, `eval/ablate_colour.py`).
         colour_weight (`float`, defaults to 0.0): weight in the NLL of the colour term, L1 between the CIELAB a*/b*
             planes of the input and the reconstruction, both average-pooled by `colour_pool`, in pixel-L1 units
             (`ldtok.losses.colour`); it holds the saturation a perceptual term pushes up. 0 is off.
