@@ -162,11 +162,11 @@ VQ_PRESET_VARIANTS = {
     **_with_seeds("vq/preset-loss+colour-1", [*PRESET_LOSS, "loss.colour_weight=1.0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+luma", [*PRESET_LOSS, "loss.perceptual_input=luma"], seeds=(0, 1)),
 }
-VARIANTS = {**{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_VARIANTS.items()},
-            **{k: ("configs/demo-kl.yaml", "train/vae.py", v) for k, v in KL_PRESET_VARIANTS.items()},
-            **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_PRESET_VARIANTS.items()},
-            **{k: ("configs/demo-vq.yaml", "train/vq.py", v) for k, v in VQ_VARIANTS.items()},
-            **{k: ("configs/demo-vqvae2.yaml", "train/vq.py", v) for k, v in VQVAE2_VARIANTS.items()}}
+VARIANTS = {name: (config, script, overrides) for config, script, table in (
+    ("configs/demo-kl.yaml", "train/vae.py", {**KL_VARIANTS, **KL_PRESET_VARIANTS}),
+    ("configs/demo-vq.yaml", "train/vq.py", {**VQ_VARIANTS, **VQ_PRESET_VARIANTS}),
+    ("configs/demo-vqvae2.yaml", "train/vq.py", VQVAE2_VARIANTS),
+) for name, overrides in table.items()}
 
 
 def cast_gains(model_dir: Path, images) -> dict[str, float]:
@@ -203,6 +203,17 @@ def perceptual_scores(model_dir: Path, images, judges: dict) -> dict[str, float]
         return {name.replace("-", "_"): float(net(images, rec).mean()) for name, net in judges.items()}
 
 
+def variant_args(name: str, *, run_dir: Path, steps: int, folders: dict[str, str], val_dir: str) -> list[str]:
+    """The `key=value` overrides that train variant `name` on top of its config: the recipe before the fix, the
+    compressed schedule, the `default-v1` photos and validation crops, then the variant's own changes."""
+    return [
+        *BEFORE_FIX, f"output_dir={run_dir}", f"train.max_steps={steps}", f"train.val_every={steps}",
+        f"train.image_every={steps}", f"train.checkpoint_every={steps}", "train.report_to=none",
+        "data.source=folder", f"data.path={folders['v1']}",
+        "val_data.source=folder", f"val_data.path={val_dir}", "val_data.resolution=64",
+    ] + [o.format(**folders) for o in VARIANTS[name][2]]
+
+
 def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], val_dir: str, images, val_images,
                 judges: dict) -> dict:
     """Train one variant (unless its `summary.json` exists) and return its final validation metrics."""
@@ -212,12 +223,7 @@ def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], va
     if not summary.is_file():
         if run_dir.exists():  # an interrupted run: start it afresh
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        args = [
-            *BEFORE_FIX, f"output_dir={run_dir}", f"train.max_steps={steps}", f"train.val_every={steps}",
-            f"train.image_every={steps}", f"train.checkpoint_every={steps}", "train.report_to=none",
-            "data.source=folder", f"data.path={folders['v1']}",
-            "val_data.source=folder", f"val_data.path={val_dir}", "val_data.resolution=64",
-        ] + [o.format(**folders) for o in overrides]
+        args = variant_args(name, run_dir=run_dir, steps=steps, folders=folders, val_dir=val_dir)
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         start = time.time()

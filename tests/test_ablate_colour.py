@@ -17,8 +17,8 @@ FOLDERS = {"v1": "/data/v1/train", "v2": "/data/v2/train"}
 
 
 def _config(name: str) -> RunConfig:
-    config, _, overrides = ablate_colour.VARIANTS[name]
-    return load_config(RunConfig, ROOT / config, [*ablate_colour.BEFORE_FIX, *(o.format(**FOLDERS) for o in overrides)])
+    args = ablate_colour.variant_args(name, run_dir=Path("/runs/x"), steps=500, folders=FOLDERS, val_dir="/data/val")
+    return load_config(RunConfig, ROOT / ablate_colour.VARIANTS[name][0], args)
 
 
 def test_every_row_is_a_valid_config():
