@@ -161,6 +161,12 @@ VQ_PRESET_VARIANTS = {
     **_with_seeds("vq/preset-loss", [*PRESET_LOSS], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+colour-1", [*PRESET_LOSS, "loss.colour_weight=1.0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+luma", [*PRESET_LOSS, "loss.perceptual_input=luma"], seeds=(0, 1)),
+    # the VQ presets' loss before its GAN starts, and stronger or per-pixel colour terms
+    **_with_seeds("vq/preset-loss+no-gan", [*PRESET_LOSS, "loss.disc_weight=0"], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+colour-4", [*PRESET_LOSS, "loss.colour_weight=4.0"], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
+                  seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+gan-0.1", [*PRESET_LOSS, "loss.disc_weight=0.1"], seeds=(0, 1)),
 }
 VARIANTS = {name: (config, script, overrides) for config, script, table in (
     ("configs/demo-kl.yaml", "train/vae.py", {**KL_VARIANTS, **KL_PRESET_VARIANTS}),
