@@ -154,6 +154,7 @@ KL_PRESET_VARIANTS = {
     **_with_seeds("kl/preset-loss+colour-1", [*PRESET_LOSS, "loss.colour_weight=1.0"]),
     **_with_seeds("kl/preset-loss+luma+colour-1",
                   [*PRESET_LOSS, "loss.perceptual_input=luma", "loss.colour_weight=1.0"]),
+    **_with_seeds("kl/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
     "klf8/recipe": [*KL_F8_SHAPE],
     "klf8/recipe+luma": [*KL_F8_SHAPE, "loss.perceptual_input=luma"],
 }
@@ -167,6 +168,8 @@ VQ_PRESET_VARIANTS = {
     **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
                   seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+gan-0.1", [*PRESET_LOSS, "loss.disc_weight=0.1"], seeds=(0, 1)),
+    # the discriminator sees the luma only: the GAN gradient moves lightness, not colour
+    **_with_seeds("vq/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
 }
 VARIANTS = {name: (config, script, overrides) for config, script, table in (
     ("configs/demo-kl.yaml", "train/vae.py", {**KL_VARIANTS, **KL_PRESET_VARIANTS}),

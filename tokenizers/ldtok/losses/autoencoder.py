@@ -190,7 +190,7 @@ class AutoencoderLoss(nn.Module):
         cfg = self.config
         if discriminator is None:
             raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
-        logits_fake = _call_with_detached_parameters(discriminator, _rgb(x_rec)).float()
+        logits_fake = _call_with_detached_parameters(discriminator, self._disc_view(x_rec)).float()
         if cfg.disc_loss == "hinge":
             gan = -logits_fake.mean()
         else:
@@ -251,7 +251,7 @@ class AutoencoderLoss(nn.Module):
         """
         cfg = self.config
         B = x.shape[0]
-        logits = discriminator(_rgb(torch.cat([x, x_rec.detach()], dim=0))).float()  # (2B, 1, h, w)
+        logits = discriminator(self._disc_view(torch.cat([x, x_rec.detach()], dim=0))).float()  # (2B, 1, h, w)
         logits_real, logits_fake = logits[:B], logits[B:]
         if cfg.disc_loss == "hinge":
             loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
@@ -269,6 +269,10 @@ class AutoencoderLoss(nn.Module):
 
         terms["disc_loss"] = loss
         return loss, {k: v.detach() for k, v in terms.items()}
+
+    def _disc_view(self, x: Tensor) -> Tensor:
+        """What the discriminator sees of `x` (`loss.disc_input`): RGB, or the luma in three channels."""
+        return _luma(x) if self.config.disc_input == "luma" else _rgb(x)
 
     @torch.no_grad()
     def _update_lecam(self, mean_real: Tensor, mean_fake: Tensor) -> None:
@@ -292,7 +296,8 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # Rec. 601
 
 
 def _luma(x: Tensor) -> Tensor:
-    """The luma of RGB `(B, 3, H, W)` (greyscale as it is) replicated to 3 channels (`loss.perceptual_input=luma`)."""
+    """The luma of RGB `(B, 3, H, W)` (greyscale as it is) replicated to 3 channels (`loss.perceptual_input=luma`,
+    `loss.disc_input=luma`)."""
     if x.shape[1] == 1:
         return _rgb(x)
     w = x.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)

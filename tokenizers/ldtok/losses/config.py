@@ -48,6 +48,10 @@ class LossConfig:
         colour_channels (`str`, defaults to `"ab"`): what the colour term compares: `"ab"` the chroma planes only,
             `"lab"` the chroma plus the pooled lightness L* (which then cannot drift to buy chroma).
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
+        disc_input (`"rgb"` or `"luma"`, defaults to `"rgb"`): what the discriminator sees, real and reconstructed
+            alike: the RGB images, or their luma (Rec. 601) replicated to three channels, so that the GAN term's
+            gradient moves lightness only and cannot paint colour (issue 15: the GAN raised small tokenizers'
+            chroma ratio).
         disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
             the GAN entirely (`disc_active` is then always False).
         disc_start (`int`, defaults to 50001): first step (global optimizer step) with a GAN term / discriminator step.
@@ -103,6 +107,7 @@ class LossConfig:
     colour_pool: int = 4
     colour_channels: Literal["ab", "lab"] = "ab"
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_input: Literal["rgb", "luma"] = "rgb"
     disc_weight: float = 0.5
     disc_start: int = 50001
     disc_channels: int = 64
@@ -144,6 +149,7 @@ class LossConfig:
             "perceptual": PERCEPTUAL_NETS,
             "perceptual_precision": ("auto", "fp32", "bf16"),
             "perceptual_input": ("rgb", "luma"),
+            "disc_input": ("rgb", "luma"),
             "colour_channels": COLOUR_CHANNELS,
             "kl_schedule": reg.KL_SCHEDULES,
             "sparsity": reg.SPARSITY_KINDS,
