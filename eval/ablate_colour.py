@@ -132,6 +132,8 @@ VQVAE2_VARIANTS = {
                   [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
     **_with_seeds("vqvae2/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
     # the colour term (what demo-vqvae2 uses) and the luma perceptual input together
+    **_with_seeds("vqvae2/groups-4+data-v2+colour-1+pool-1",
+                  [*FIXED, "loss.colour_weight=1.0", "loss.colour_pool=1"], seeds=(0, 1)),
     **_with_seeds("vqvae2/groups-4+data-v2+colour-1+luma",
                   [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
@@ -155,6 +157,8 @@ KL_PRESET_VARIANTS = {
     **_with_seeds("kl/preset-loss+luma+colour-1",
                   [*PRESET_LOSS, "loss.perceptual_input=luma", "loss.colour_weight=1.0"]),
     **_with_seeds("kl/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
+    **_with_seeds("kl/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
+                  seeds=(0, 1)),
     "klf8/recipe": [*KL_F8_SHAPE],
     "klf8/recipe+luma": [*KL_F8_SHAPE, "loss.perceptual_input=luma"],
 }
@@ -171,10 +175,16 @@ VQ_PRESET_VARIANTS = {
     # the discriminator sees the luma only: the GAN gradient moves lightness, not colour
     **_with_seeds("vq/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
 }
+# the FSQ presets (fsq-f16, lfq-f16-18bit's sibling) train with the same loss; demo-fsq's model with it
+FSQ_PRESET_VARIANTS = {
+    "fsq/preset-loss": [*PRESET_LOSS],
+    "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
+}
 VARIANTS = {name: (config, script, overrides) for config, script, table in (
     ("configs/demo-kl.yaml", "train/vae.py", {**KL_VARIANTS, **KL_PRESET_VARIANTS}),
     ("configs/demo-vq.yaml", "train/vq.py", {**VQ_VARIANTS, **VQ_PRESET_VARIANTS}),
     ("configs/demo-vqvae2.yaml", "train/vq.py", VQVAE2_VARIANTS),
+    ("configs/demo-fsq.yaml", "train/vq.py", FSQ_PRESET_VARIANTS),
 ) for name, overrides in table.items()}
 
 

@@ -39,6 +39,10 @@ def test_rows_change_what_they_name():
     luma = _config("kl/preset-loss+luma+seed-2")
     assert luma.loss.perceptual_input == "luma" and luma.train.seed == 2
     assert _config("kl/preset-loss+no-gan").loss.disc_weight == 0
+    disc_luma = _config("vq/preset-loss+disc-luma+seed-1")
+    assert disc_luma.loss.disc_input == "luma" and disc_luma.loss.perceptual_input == "rgb"
+    pixel = _config("fsq/preset-loss+colour-1+pool-1")
+    assert (pixel.loss.colour_weight, pixel.loss.colour_pool, pixel.model.quantizer.type) == (1.0, 1, "fsq")
     shape = _config("klf8/recipe")  # the kl-f8 shape: its own GroupNorm groups win over FIXED's 4
     assert shape.model.block_out_channels == [32, 64, 64, 64] and shape.model.norm_num_groups == 8
 
