@@ -103,6 +103,7 @@ KL_VARIANTS = {
     **_with_seeds("kl/groups-4+data-v2+jitter-0.5-0.5", [*FIXED, "data.hue_jitter=0.5", "data.saturation_jitter=0.5"]),
     # the perceptual term on the luma only (loss.perceptual_input=luma): the pixel loss alone sets the colour
     **_with_seeds("kl/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
+    **_with_seeds("kl/groups-4+data-v2+grey", [*FIXED, "loss.perceptual_input=grey"], seeds=(0, 1)),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -157,6 +158,10 @@ KL_PRESET_VARIANTS = {
     **_with_seeds("kl/preset-loss+luma+colour-1",
                   [*PRESET_LOSS, "loss.perceptual_input=luma", "loss.colour_weight=1.0"]),
     **_with_seeds("kl/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
+    # the channel mean instead of the luma: a gradient equal in R, G and B (the luma's moves colour too)
+    **_with_seeds("kl/preset-loss+grey", [*PRESET_LOSS, "loss.perceptual_input=grey"], seeds=(0, 1)),
+    **_with_seeds("kl/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
+                                                    "loss.disc_input=grey"], seeds=(0, 1)),
     **_with_seeds("kl/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
                   seeds=(0, 1)),
     "klf8/recipe": [*KL_F8_SHAPE],
@@ -174,6 +179,9 @@ VQ_PRESET_VARIANTS = {
     **_with_seeds("vq/preset-loss+gan-0.1", [*PRESET_LOSS, "loss.disc_weight=0.1"], seeds=(0, 1)),
     # the discriminator sees the luma only: the GAN gradient moves lightness, not colour
     **_with_seeds("vq/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+grey", [*PRESET_LOSS, "loss.perceptual_input=grey"], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
+                                                    "loss.disc_input=grey"], seeds=(0, 1)),
 }
 # the FSQ presets (fsq-f16, lfq-f16-18bit's sibling) train with the same loss; demo-fsq's model with it
 FSQ_PRESET_VARIANTS = {

@@ -112,31 +112,41 @@ class _PerChannelL1(torch.nn.Module):
         return ((a - b).abs() * w).mean(dim=(1, 2, 3))
 
 
-def test_luma_perceptual_input_sees_lightness_only_and_moves_no_chroma():
+# (view, the per-channel weights of its grey image, a colour change that leaves that grey image unchanged)
+GREY_VIEWS = [("luma", (0.299, 0.587, 0.114), (0.114, 0.0, -0.299)), ("grey", (1 / 3, 1 / 3, 1 / 3), (1.0, 0.0, -1.0))]
+
+
+@pytest.mark.parametrize("inp,weights,invisible", GREY_VIEWS)
+def test_grey_perceptual_inputs_see_one_grey_image_and_their_gradient_follows_its_weights(inp, weights, invisible):
+    """`loss.perceptual_input=luma|grey`: the perceptual term compares one grey image per input, so a colour change
+    that keeps it is invisible to the term (not to `rgb`), and the gradient on the reconstruction is parallel to the
+    view's weights at every pixel: for `grey` equal in R, G and B (it changes no colour balance); for `luma` not."""
     from ldtok.losses.autoencoder import LUMA_WEIGHTS
 
+    assert inp != "luma" or weights == LUMA_WEIGHTS
     x = images(seed=0)
-    w = torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
-    chroma_only = torch.tensor([0.114, 0.0, -0.299]).view(1, 3, 1, 1)  # w . d = 0: the luma stays the same
-    assert abs(float((chroma_only * w).sum())) < 1e-9
+    w = torch.tensor(weights).view(1, 3, 1, 1)
+    invisible = torch.tensor(invisible).view(1, 3, 1, 1)
+    assert abs(float((invisible * w).sum())) < 1e-9
 
-    def perceptual(inp, x_rec):
-        cfg = LossConfig(**{**OFF, "perceptual_weight": 1.0, "perceptual": "stlpips-alex", "perceptual_input": inp})
+    def perceptual(view, x_rec):
+        cfg = LossConfig(**{**OFF, "perceptual_weight": 1.0, "perceptual": "stlpips-alex", "perceptual_input": view})
         x_rec = x_rec.clone().requires_grad_()
         loss, terms = AutoencoderLoss(config=cfg, perceptual=_PerChannelL1()).generator_loss(
             x, x_rec, discriminator=None, last_layer=None, step=0)
         loss.backward()
         return terms["perceptual"], x_rec.grad
 
-    recolored = x + 0.2 * chroma_only
-    luma_term, _ = perceptual("luma", recolored)
+    recolored = x + 0.2 * invisible
+    grey_term, _ = perceptual(inp, recolored)
     rgb_term, _ = perceptual("rgb", recolored)
-    assert luma_term < 1e-6 < rgb_term  # a colour change of equal luma is invisible to the luma input only
-    # a lighter image: its luma is 0.2 higher in all three channels, weighted (1 + 2 + 3) / 3
-    assert torch.allclose(perceptual("luma", x + 0.2)[0], torch.tensor(0.2 * 2.0), rtol=1e-4)
-    # the gradient reaches x_rec through its luma only: at every pixel it is parallel to the luma weights
-    _, grad = perceptual("luma", x + 0.1 * torch.randn_like(x))
+    assert grey_term < 1e-6 < rgb_term  # a colour change that keeps the grey image is invisible to that view only
+    # a lighter image: its grey image is 0.2 * sum(w) higher in all three channels, weighted (1 + 2 + 3) / 3
+    assert torch.allclose(perceptual(inp, x + 0.2)[0], torch.tensor(0.2 * sum(weights) * 2.0), rtol=1e-4)
+    _, grad = perceptual(inp, x + 0.1 * torch.randn_like(x))
     ratio = grad / w
     assert (grad.abs().sum() > 0) and torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-6, rtol=1e-4)
+    equal_channels = torch.allclose(grad, grad[:, :1].expand_as(grad), atol=1e-7, rtol=1e-4)
+    assert equal_channels == (inp == "grey")
     with pytest.raises(ConfigError, match="perceptual_input"):
         LossConfig(perceptual_input="lab")

@@ -137,33 +137,35 @@ def test_patch_discriminator_layout():
         PatchDiscriminator(norm="batch")
 
 
-def test_luma_disc_input_sees_lightness_only_and_its_gan_gradient_moves_no_chroma():
-    """`loss.disc_input=luma`: the discriminator gets the luma of real and reconstructed images alike, so a colour
-    change of equal luma changes neither its logits nor the GAN term, and the GAN gradient on the reconstruction is
-    parallel to the luma weights at every pixel (it cannot push chroma); `rgb` (the default) sees the change."""
-    from ldtok.losses.autoencoder import LUMA_WEIGHTS
-
+@pytest.mark.parametrize("inp,weights,invisible", [("luma", (0.299, 0.587, 0.114), (0.114, 0.0, -0.299)),
+                                                    ("grey", (1 / 3, 1 / 3, 1 / 3), (1.0, 0.0, -1.0))])
+def test_grey_disc_inputs_see_one_grey_image_and_the_gan_gradient_follows_its_weights(inp, weights, invisible):
+    """`loss.disc_input=luma|grey`: the discriminator gets one grey image of the real and reconstructed images
+    alike, so a colour change that keeps it changes neither its logits nor the GAN term (`rgb`, the default, sees
+    it), and the GAN gradient on the reconstruction is parallel to the view's weights at every pixel (for `grey`:
+    equal in R, G and B)."""
     g = torch.Generator().manual_seed(0)
     x, x_rec = (torch.rand(2, 3, 8, 8, generator=g) * 2 - 1 for _ in range(2))
-    w = torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
-    chroma_only = torch.tensor([0.114, 0.0, -0.299]).view(1, 3, 1, 1)  # w . d = 0: the luma stays the same
+    w = torch.tensor(weights).view(1, 3, 1, 1)
+    invisible = torch.tensor(invisible).view(1, 3, 1, 1)
+    assert abs(float((invisible * w).sum())) < 1e-9
     disc = torch.nn.Conv2d(3, 1, 3, padding=1)  # sees each channel with its own weights
 
-    def run(inp, rec):
+    def run(view, rec):
         loss_fn = AutoencoderLoss(config=LossConfig(**{**OFF, "disc_weight": 1.0, "disc_start": 0,
-                                                       "adaptive_weight": False, "disc_input": inp}), perceptual=None)
+                                                       "adaptive_weight": False, "disc_input": view}), perceptual=None)
         rec = rec.clone().requires_grad_()
         g_loss, g_terms = loss_fn.generator_loss(x, rec, discriminator=disc, last_layer=None, step=0)
         g_loss.backward()
         d_loss, _ = loss_fn.discriminator_loss(x, rec, discriminator=disc, step=0)
         return g_terms["gan"], d_loss.detach(), rec.grad
 
-    recolored = x_rec + 0.3 * chroma_only
-    for inp, same in (("luma", True), ("rgb", False)):
-        gan, d_loss, _ = run(inp, x_rec)
-        gan2, d_loss2, _ = run(inp, recolored)
+    recolored = x_rec + 0.3 * invisible
+    for view, same in ((inp, True), ("rgb", False)):
+        gan, d_loss, _ = run(view, x_rec)
+        gan2, d_loss2, _ = run(view, recolored)
         assert torch.allclose(gan, gan2, atol=1e-6) == same and torch.allclose(d_loss, d_loss2, atol=1e-6) == same
-    _, _, grad = run("luma", x_rec)
+    _, _, grad = run(inp, x_rec)
     ratio = grad / w
     assert grad.abs().sum() > 0 and torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-7, rtol=1e-4)
     _, _, grad_rgb = run("rgb", x_rec)

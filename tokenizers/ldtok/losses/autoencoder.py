@@ -138,8 +138,8 @@ class AutoencoderLoss(nn.Module):
         terms["rec"] = rec
         nll = cfg.rec_weight * rec
         if self.perceptual is not None and cfg.perceptual_weight > 0:
-            see = _luma if cfg.perceptual_input == "luma" else _rgb
-            perceptual = self.perceptual(see(x), see(x_rec)).float().mean()
+            perceptual = self.perceptual(view(x, cfg.perceptual_input), view(x_rec, cfg.perceptual_input))
+            perceptual = perceptual.float().mean()
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
         if cfg.colour_weight > 0:
@@ -190,7 +190,7 @@ class AutoencoderLoss(nn.Module):
         cfg = self.config
         if discriminator is None:
             raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
-        logits_fake = _call_with_detached_parameters(discriminator, self._disc_view(x_rec)).float()
+        logits_fake = _call_with_detached_parameters(discriminator, view(x_rec, cfg.disc_input)).float()
         if cfg.disc_loss == "hinge":
             gan = -logits_fake.mean()
         else:
@@ -251,7 +251,7 @@ class AutoencoderLoss(nn.Module):
         """
         cfg = self.config
         B = x.shape[0]
-        logits = discriminator(self._disc_view(torch.cat([x, x_rec.detach()], dim=0))).float()  # (2B, 1, h, w)
+        logits = discriminator(view(torch.cat([x, x_rec.detach()], dim=0), cfg.disc_input)).float()  # (2B, 1, h, w)
         logits_real, logits_fake = logits[:B], logits[B:]
         if cfg.disc_loss == "hinge":
             loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
@@ -269,10 +269,6 @@ class AutoencoderLoss(nn.Module):
 
         terms["disc_loss"] = loss
         return loss, {k: v.detach() for k, v in terms.items()}
-
-    def _disc_view(self, x: Tensor) -> Tensor:
-        """What the discriminator sees of `x` (`loss.disc_input`): RGB, or the luma in three channels."""
-        return _luma(x) if self.config.disc_input == "luma" else _rgb(x)
 
     @torch.no_grad()
     def _update_lecam(self, mean_real: Tensor, mean_fake: Tensor) -> None:
@@ -295,13 +291,19 @@ def _rgb(x: Tensor) -> Tensor:
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # Rec. 601
 
 
-def _luma(x: Tensor) -> Tensor:
-    """The luma of RGB `(B, 3, H, W)` (greyscale as it is) replicated to 3 channels (`loss.perceptual_input=luma`,
-    `loss.disc_input=luma`)."""
-    if x.shape[1] == 1:
+def view(x: Tensor, kind: str) -> Tensor:
+    """What a perceptual net or the discriminator sees of `(B, C, H, W)` images (`loss.perceptual_input`,
+    `loss.disc_input`): `"rgb"` the images (greyscale replicated to 3 channels); `"luma"` their Rec. 601 luma, and
+    `"grey"` their channel mean, replicated to 3 channels. The gradient of a loss on the `grey` view is equal in R, G
+    and B at every pixel; on the `luma` view it is parallel to `LUMA_WEIGHTS`, which also moves the colour."""
+    if kind == "rgb" or x.shape[1] == 1:
         return _rgb(x)
-    w = x.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    if kind == "luma":
+        w = x.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+        return (x * w).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    if kind == "grey":
+        return x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    raise ValueError(f"unknown view {kind!r}: expected rgb, luma or grey")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

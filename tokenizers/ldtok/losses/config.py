@@ -11,6 +11,7 @@ from ldtok.perceptual import PERCEPTUAL_NETS
 
 from .colour import COLOUR_CHANNELS
 
+GREY_VIEWS = ("rgb", "luma", "grey")  # what the perceptual net / discriminator see (`ldtok.losses.autoencoder.view`)
 NON_NEGATIVE = ("rec_weight", "perceptual_weight", "disc_weight", "disc_start", "adaptive_weight_max", "lecam_weight",
                 "kl_weight", "kl_warmup_steps", "colour_weight", "free_bits", "quant_weight", "sparsity_weight",
                 "contractive_weight")
@@ -35,12 +36,14 @@ class LossConfig:
             backbone's convolutions under bf16 autocast (`bf16`) or in fp32; `auto`: bf16 when the run trains in bf16
             (`train.mixed_precision`), fp32 otherwise. The distance (feature normalization, squared differences,
             heads, means) is fp32 either way. The backbone is most of a GAN step's cost at small resolutions.
-        perceptual_input (`"rgb"` or `"luma"`, defaults to `"rgb"`): what the perceptual term of the NLL compares:
-            the RGB images, or their luma (Rec. 601 weights) replicated to three channels, so that its gradient
-            moves lightness only and the pixel loss alone sets the colour (issue 15: an RGB perceptual term makes
-            small tokenizers over-saturate). The shaping terms' perceptual distances stay RGB. Measured for
-            ST-LPIPS alex at weight 0.5 (demo-kl); with a VGG net at weight 1.0 (the 256 px presets' recipe) it
-            raised the chroma ratio instead (1.11-1.14 -> 1.24-1.28, `eval/ablate_colour.py`).
+        perceptual_input (`"rgb"`, `"luma"` or `"grey"`, defaults to `"rgb"`): what the perceptual term of the NLL
+            compares: the RGB images, or one grey image replicated to three channels, so that the pixel loss sets
+            the colour (issue 15: an RGB perceptual term makes small tokenizers over-saturate). `luma`: Rec. 601
+            luma; its gradient is parallel to the weights (0.299, 0.587, 0.114), which are not grey, so each step
+            still moves the colour along a green-magenta axis. `grey`: the channel mean; its gradient is equal in
+            R, G and B, so it changes no pixel's colour balance. The shaping terms' perceptual distances stay RGB.
+            `luma` held demo-kl's colour (ST-LPIPS alex at weight 0.5); with a VGG net at weight 1.0 (the 256 px
+            presets' recipe) it raised the chroma ratio instead (1.11-1.14 -> 1.24-1.28, `eval/ablate_colour.py`).
         colour_weight (`float`, defaults to 0.0): weight in the NLL of the colour term, L1 between the CIELAB a*/b*
             planes of the input and the reconstruction, both average-pooled by `colour_pool`, in pixel-L1 units
             (`ldtok.losses.colour`); it holds the saturation a perceptual term pushes up. 0 is off.
@@ -48,10 +51,10 @@ class LossConfig:
         colour_channels (`str`, defaults to `"ab"`): what the colour term compares: `"ab"` the chroma planes only,
             `"lab"` the chroma plus the pooled lightness L* (which then cannot drift to buy chroma).
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
-        disc_input (`"rgb"` or `"luma"`, defaults to `"rgb"`): what the discriminator sees, real and reconstructed
-            alike: the RGB images, or their luma (Rec. 601) replicated to three channels, so that the GAN term's
-            gradient moves lightness only and cannot paint colour (issue 15: the GAN raised small tokenizers'
-            chroma ratio).
+        disc_input (`"rgb"`, `"luma"` or `"grey"`, defaults to `"rgb"`): what the discriminator sees, real and
+            reconstructed alike: the RGB images, or one grey image replicated to three channels (as for
+            `perceptual_input`), so that the GAN term cannot paint colour (issue 15: the GAN raised small
+            tokenizers' chroma ratio).
         disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
             the GAN entirely (`disc_active` is then always False).
         disc_start (`int`, defaults to 50001): first step (global optimizer step) with a GAN term / discriminator step.
@@ -102,12 +105,12 @@ class LossConfig:
     perceptual_weight: float = 1.0
     perceptual_random_init: bool = False
     perceptual_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    perceptual_input: Literal["rgb", "luma"] = "rgb"
+    perceptual_input: Literal["rgb", "luma", "grey"] = "rgb"
     colour_weight: float = 0.0
     colour_pool: int = 4
     colour_channels: Literal["ab", "lab"] = "ab"
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_input: Literal["rgb", "luma"] = "rgb"
+    disc_input: Literal["rgb", "luma", "grey"] = "rgb"
     disc_weight: float = 0.5
     disc_start: int = 50001
     disc_channels: int = 64
@@ -148,8 +151,8 @@ class LossConfig:
             "disc_loss": ("hinge", "non_saturating"),
             "perceptual": PERCEPTUAL_NETS,
             "perceptual_precision": ("auto", "fp32", "bf16"),
-            "perceptual_input": ("rgb", "luma"),
-            "disc_input": ("rgb", "luma"),
+            "perceptual_input": GREY_VIEWS,
+            "disc_input": GREY_VIEWS,
             "colour_channels": COLOUR_CHANNELS,
             "kl_schedule": reg.KL_SCHEDULES,
             "sparsity": reg.SPARSITY_KINDS,
