@@ -162,24 +162,29 @@ KL_PRESET_VARIANTS = {
     **_with_seeds("kl/preset-loss+grey", [*PRESET_LOSS, "loss.perceptual_input=grey"], seeds=(0, 1)),
     **_with_seeds("kl/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
                                                     "loss.disc_input=grey"], seeds=(0, 1)),
+    **_with_seeds("kl/preset-loss+grey+colour-1+pool-1",
+                  [*PRESET_LOSS, "loss.perceptual_input=grey", "loss.colour_weight=1.0", "loss.colour_pool=1"],
+                  seeds=(0, 1)),
     **_with_seeds("kl/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
                   seeds=(0, 1)),
     "klf8/recipe": [*KL_F8_SHAPE],
     "klf8/recipe+luma": [*KL_F8_SHAPE, "loss.perceptual_input=luma"],
 }
 VQ_PRESET_VARIANTS = {
-    **_with_seeds("vq/preset-loss", [*PRESET_LOSS], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss", [*PRESET_LOSS]),
     **_with_seeds("vq/preset-loss+colour-1", [*PRESET_LOSS, "loss.colour_weight=1.0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+luma", [*PRESET_LOSS, "loss.perceptual_input=luma"], seeds=(0, 1)),
     # the VQ presets' loss before its GAN starts, and stronger or per-pixel colour terms
     **_with_seeds("vq/preset-loss+no-gan", [*PRESET_LOSS, "loss.disc_weight=0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+colour-4", [*PRESET_LOSS, "loss.colour_weight=4.0"], seeds=(0, 1)),
-    **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
-                  seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"]),
     **_with_seeds("vq/preset-loss+gan-0.1", [*PRESET_LOSS, "loss.disc_weight=0.1"], seeds=(0, 1)),
-    # the discriminator sees the luma only: the GAN gradient moves lightness, not colour
+    # the discriminator sees the luma only (its gradient is parallel to the Rec. 601 weights: it still moves colour)
     **_with_seeds("vq/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+grey", [*PRESET_LOSS, "loss.perceptual_input=grey"], seeds=(0, 1)),
+    **_with_seeds("vq/preset-loss+grey+colour-1+pool-1",
+                  [*PRESET_LOSS, "loss.perceptual_input=grey", "loss.colour_weight=1.0", "loss.colour_pool=1"],
+                  seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
                                                     "loss.disc_input=grey"], seeds=(0, 1)),
 }
