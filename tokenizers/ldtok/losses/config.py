@@ -11,7 +11,7 @@ from ldtok.perceptual import PERCEPTUAL_NETS
 
 from .colour import COLOUR_CHANNELS
 
-GREY_VIEWS = ("rgb", "luma", "grey")  # what the perceptual net / discriminator see (`ldtok.losses.autoencoder.view`)
+INPUT_VIEWS = ("rgb", "luma", "grey")  # what the perceptual net / discriminator see (`ldtok.losses.autoencoder.view`)
 NON_NEGATIVE = ("rec_weight", "perceptual_weight", "disc_weight", "disc_start", "adaptive_weight_max", "lecam_weight",
                 "kl_weight", "kl_warmup_steps", "colour_weight", "free_bits", "quant_weight", "sparsity_weight",
                 "contractive_weight")
@@ -44,6 +44,8 @@ class LossConfig:
             R, G and B, so it changes no pixel's colour balance. The shaping terms' perceptual distances stay RGB.
             `luma` held demo-kl's colour (ST-LPIPS alex at weight 0.5); with a VGG net at weight 1.0 (the 256 px
             presets' recipe) it raised the chroma ratio instead (1.11-1.14 -> 1.24-1.28, `eval/ablate_colour.py`).
+            `grey` with that VGG loss: +1.4 dB but a green drift on KL, more over-saturation on VQ; with the
+            per-pixel colour term (`colour_pool=1`) it is the KL presets' setting.
         colour_weight (`float`, defaults to 0.0): weight in the NLL of the colour term, L1 between the CIELAB a*/b*
             planes of the input and the reconstruction, both average-pooled by `colour_pool`, in pixel-L1 units
             (`ldtok.losses.colour`); it holds the saturation a perceptual term pushes up. 0 is off.
@@ -53,8 +55,8 @@ class LossConfig:
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
         disc_input (`"rgb"`, `"luma"` or `"grey"`, defaults to `"rgb"`): what the discriminator sees, real and
             reconstructed alike: the RGB images, or one grey image replicated to three channels (as for
-            `perceptual_input`), so that the GAN term cannot paint colour (issue 15: the GAN raised small
-            tokenizers' chroma ratio).
+            `perceptual_input`), so that the GAN term cannot see colour. Issue 15: the GAN raised small tokenizers'
+            chroma ratio, and `luma` here did not lower it (VQ 1.04-1.24 -> 1.09-1.14, KL 1.12).
         disc_weight (`float`, defaults to 0.5): GAN weight; multiplies the adaptive weight when that is on. 0 disables
             the GAN entirely (`disc_active` is then always False).
         disc_start (`int`, defaults to 50001): first step (global optimizer step) with a GAN term / discriminator step.
@@ -151,8 +153,8 @@ class LossConfig:
             "disc_loss": ("hinge", "non_saturating"),
             "perceptual": PERCEPTUAL_NETS,
             "perceptual_precision": ("auto", "fp32", "bf16"),
-            "perceptual_input": GREY_VIEWS,
-            "disc_input": GREY_VIEWS,
+            "perceptual_input": INPUT_VIEWS,
+            "disc_input": INPUT_VIEWS,
             "colour_channels": COLOUR_CHANNELS,
             "kl_schedule": reg.KL_SCHEDULES,
             "sparsity": reg.SPARSITY_KINDS,
