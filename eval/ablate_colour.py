@@ -50,6 +50,8 @@ CAST = 0.3  # a global colour cast added to the red (or blue) channel of every v
 # now sets `loss.perceptual_input=luma`).
 BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0", "loss.perceptual_input=rgb"]
 FIXED = ["model.norm_num_groups=4", "data.path={v2}"]  # the demo configs' colour fixes, on top of BEFORE_FIX
+# the colour term at every pixel (no pooling): the rows' `+colour-1+pool-1`
+PIXEL_COLOUR = ["loss.colour_weight=1.0", "loss.colour_pool=1"]
 
 
 def _with_seeds(name: str, overrides: list[str], seeds=(0, 1, 2)) -> dict[str, list[str]]:
@@ -134,7 +136,7 @@ VQVAE2_VARIANTS = {
     **_with_seeds("vqvae2/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
     # the colour term (what demo-vqvae2 uses) and the luma perceptual input together
     **_with_seeds("vqvae2/groups-4+data-v2+colour-1+pool-1",
-                  [*FIXED, "loss.colour_weight=1.0", "loss.colour_pool=1"], seeds=(0, 1)),
+                  [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
     **_with_seeds("vqvae2/groups-4+data-v2+colour-1+luma",
                   [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
@@ -163,9 +165,9 @@ KL_PRESET_VARIANTS = {
     **_with_seeds("kl/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
                                                     "loss.disc_input=grey"], seeds=(0, 1)),
     **_with_seeds("kl/preset-loss+grey+colour-1+pool-1",
-                  [*PRESET_LOSS, "loss.perceptual_input=grey", "loss.colour_weight=1.0", "loss.colour_pool=1"],
+                  [*PRESET_LOSS, "loss.perceptual_input=grey", *PIXEL_COLOUR],
                   seeds=(0, 1)),
-    **_with_seeds("kl/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
+    **_with_seeds("kl/preset-loss+colour-1+pool-1", [*PRESET_LOSS, *PIXEL_COLOUR],
                   seeds=(0, 1)),
     "klf8/recipe": [*KL_F8_SHAPE],
     "klf8/recipe+luma": [*KL_F8_SHAPE, "loss.perceptual_input=luma"],
@@ -177,21 +179,21 @@ VQ_PRESET_VARIANTS = {
     # the VQ presets' loss before its GAN starts, and stronger or per-pixel colour terms
     **_with_seeds("vq/preset-loss+no-gan", [*PRESET_LOSS, "loss.disc_weight=0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+colour-4", [*PRESET_LOSS, "loss.colour_weight=4.0"], seeds=(0, 1)),
-    **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"]),
+    **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, *PIXEL_COLOUR]),
     **_with_seeds("vq/preset-loss+gan-0.1", [*PRESET_LOSS, "loss.disc_weight=0.1"], seeds=(0, 1)),
     # the discriminator sees the luma only (its gradient is parallel to the Rec. 601 weights: it still moves colour)
     **_with_seeds("vq/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+grey", [*PRESET_LOSS, "loss.perceptual_input=grey"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+grey+colour-1+pool-1",
-                  [*PRESET_LOSS, "loss.perceptual_input=grey", "loss.colour_weight=1.0", "loss.colour_pool=1"],
+                  [*PRESET_LOSS, "loss.perceptual_input=grey", *PIXEL_COLOUR],
                   seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
                                                     "loss.disc_input=grey"], seeds=(0, 1)),
 }
-# the FSQ presets (fsq-f16, lfq-f16-18bit's sibling) train with the same loss; demo-fsq's model with it
+# fsq-f16 trains with the same loss too: demo-fsq's model with it
 FSQ_PRESET_VARIANTS = {
     "fsq/preset-loss": [*PRESET_LOSS],
-    "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, "loss.colour_weight=1.0", "loss.colour_pool=1"],
+    "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, *PIXEL_COLOUR],
 }
 VARIANTS = {name: (config, script, overrides) for config, script, table in (
     ("configs/demo-kl.yaml", "train/vae.py", {**KL_VARIANTS, **KL_PRESET_VARIANTS}),
