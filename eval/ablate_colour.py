@@ -52,6 +52,8 @@ BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0", "loss.perceptu
 FIXED = ["model.norm_num_groups=4", "data.path={v2}"]  # the demo configs' colour fixes, on top of BEFORE_FIX
 # the colour term at every pixel (no pooling): the rows' `+colour-1+pool-1`
 PIXEL_COLOUR = ["loss.colour_weight=1.0", "loss.colour_pool=1"]
+# the colour term outside the adaptive GAN weight's reference: the rows' `+apart`
+APART = ["loss.colour_in_adaptive_weight=false"]
 
 
 def _with_seeds(name: str, overrides: list[str], seeds=(0, 1, 2)) -> dict[str, list[str]]:
@@ -106,6 +108,9 @@ KL_VARIANTS = {
     # the perceptual term on the luma only (loss.perceptual_input=luma): the pixel loss alone sets the colour
     **_with_seeds("kl/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
     **_with_seeds("kl/groups-4+data-v2+grey", [*FIXED, "loss.perceptual_input=grey"], seeds=(0, 1)),
+    # demo-kl now (the luma perceptual input) with the per-pixel colour term the presets use
+    **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-1", [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR],
+                  seeds=(0, 1)),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -180,6 +185,12 @@ VQ_PRESET_VARIANTS = {
     **_with_seeds("vq/preset-loss+no-gan", [*PRESET_LOSS, "loss.disc_weight=0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+colour-4", [*PRESET_LOSS, "loss.colour_weight=4.0"], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+colour-1+pool-1", [*PRESET_LOSS, *PIXEL_COLOUR]),
+    **_with_seeds("vq/preset-loss+colour-2+pool-1", [*PRESET_LOSS, *PIXEL_COLOUR, "loss.colour_weight=2.0"],
+                  seeds=(0, 1)),
+    # the colour term left out of the NLL that sets the adaptive GAN weight, so that it does not raise the GAN's weight
+    **_with_seeds("vq/preset-loss+colour-1+pool-1+apart", [*PRESET_LOSS, *PIXEL_COLOUR, *APART]),
+    **_with_seeds("vq/preset-loss+colour-2+pool-1+apart",
+                  [*PRESET_LOSS, *PIXEL_COLOUR, "loss.colour_weight=2.0", *APART], seeds=(0, 1)),
     **_with_seeds("vq/preset-loss+gan-0.1", [*PRESET_LOSS, "loss.disc_weight=0.1"], seeds=(0, 1)),
     # the discriminator sees the luma only (its gradient is parallel to the Rec. 601 weights: it still moves colour)
     **_with_seeds("vq/preset-loss+disc-luma", [*PRESET_LOSS, "loss.disc_input=luma"], seeds=(0, 1)),
@@ -190,16 +201,22 @@ VQ_PRESET_VARIANTS = {
     **_with_seeds("vq/preset-loss+grey+disc-grey", [*PRESET_LOSS, "loss.perceptual_input=grey",
                                                     "loss.disc_input=grey"], seeds=(0, 1)),
 }
-# fsq-f16 trains with the same loss too: demo-fsq's model with it
-FSQ_PRESET_VARIANTS = {
+# demo-fsq and demo-lfq as they shipped (the presets' 16 GroupNorm groups, default-v2 photos), with demo-vq's two
+# colour fixes (4 groups; the colour term), and fsq-f16 / lfq-f16-18bit's loss (the VQ presets' loss) on their models
+FSQ_VARIANTS = {
+    "fsq/demo": ["data.path={v2}"],
+    "fsq/groups-4+data-v2": [*FIXED],
+    "fsq/groups-4+data-v2+colour-1": [*FIXED, "loss.colour_weight=1.0"],
     "fsq/preset-loss": [*PRESET_LOSS],
     "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, *PIXEL_COLOUR],
 }
+LFQ_VARIANTS = {name.replace("fsq/", "lfq/"): overrides for name, overrides in FSQ_VARIANTS.items()}
 VARIANTS = {name: (config, script, overrides) for config, script, table in (
     ("configs/demo-kl.yaml", "train/vae.py", {**KL_VARIANTS, **KL_PRESET_VARIANTS}),
     ("configs/demo-vq.yaml", "train/vq.py", {**VQ_VARIANTS, **VQ_PRESET_VARIANTS}),
     ("configs/demo-vqvae2.yaml", "train/vq.py", VQVAE2_VARIANTS),
-    ("configs/demo-fsq.yaml", "train/vq.py", FSQ_PRESET_VARIANTS),
+    ("configs/demo-fsq.yaml", "train/vq.py", FSQ_VARIANTS),
+    ("configs/demo-lfq.yaml", "train/vq.py", LFQ_VARIANTS),
 ) for name, overrides in table.items()}
 
 
