@@ -174,6 +174,8 @@ KL_PRESET_VARIANTS = {
                   seeds=(0, 1)),
     **_with_seeds("kl/preset-loss+colour-1+pool-1", [*PRESET_LOSS, *PIXEL_COLOUR],
                   seeds=(0, 1)),
+    **_with_seeds("kl/preset-loss+grey+colour-1+pool-1+apart",
+                  [*PRESET_LOSS, "loss.perceptual_input=grey", *PIXEL_COLOUR, *APART], seeds=(0, 1)),
     "klf8/recipe": [*KL_F8_SHAPE],
     "klf8/recipe+luma": [*KL_F8_SHAPE, "loss.perceptual_input=luma"],
 }
@@ -208,7 +210,10 @@ FSQ_VARIANTS = {
     "fsq/groups-4+data-v2": [*FIXED],
     "fsq/groups-4+data-v2+colour-1": [*FIXED, "loss.colour_weight=1.0"],
     "fsq/preset-loss": [*PRESET_LOSS],
+    "fsq/groups-4+data-v2+colour-1+pool-1": [*FIXED, *PIXEL_COLOUR],
     "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, *PIXEL_COLOUR],
+    "fsq/preset-loss+colour-1+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, *APART],
+    "fsq/preset-loss+colour-2+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, "loss.colour_weight=2.0", *APART],
 }
 LFQ_VARIANTS = {name.replace("fsq/", "lfq/"): overrides for name, overrides in FSQ_VARIANTS.items()}
 VARIANTS = {name: (config, script, overrides) for config, script, table in (
