@@ -111,6 +111,8 @@ KL_VARIANTS = {
     # demo-kl now (the luma perceptual input) with the per-pixel colour term the presets use
     **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-1", [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR],
                   seeds=(0, 1)),
+    **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-1+apart",
+                  [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, *APART], seeds=(0, 1)),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -124,6 +126,7 @@ VQ_VARIANTS = {
     "vq/groups-4+data-v2+colour-3": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=3.0"],
     **_with_seeds("vq/groups-4+data-v2", [*FIXED], seeds=(1,)),
     **_with_seeds("vq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1,)),
+    **_with_seeds("vq/groups-4+data-v2+colour-1+pool-1", [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
     **_with_seeds("vq/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
     **_with_seeds("vq/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
     **_with_seeds("vq/groups-4+data-v2+colour-1+luma",
@@ -208,9 +211,9 @@ VQ_PRESET_VARIANTS = {
 FSQ_VARIANTS = {
     "fsq/demo": ["data.path={v2}"],
     "fsq/groups-4+data-v2": [*FIXED],
-    "fsq/groups-4+data-v2+colour-1": [*FIXED, "loss.colour_weight=1.0"],
+    **_with_seeds("fsq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(0, 1)),
     "fsq/preset-loss": [*PRESET_LOSS],
-    "fsq/groups-4+data-v2+colour-1+pool-1": [*FIXED, *PIXEL_COLOUR],
+    **_with_seeds("fsq/groups-4+data-v2+colour-1+pool-1", [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
     "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, *PIXEL_COLOUR],
     "fsq/preset-loss+colour-1+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, *APART],
     "fsq/preset-loss+colour-2+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, "loss.colour_weight=2.0", *APART],

@@ -57,13 +57,14 @@ MODEL_PRESETS: dict[str, dict] = {
         sample_size=256, quantizer=dict(type="lfq", codebook_dim=18, entropy_groups=2, entropy_weight=0.1,
                                         diversity_gamma=1.0, beta=0.25),
     ),
-    # Tiny f4 FSQ / LFQ VQGANs (the demo-vq architecture, about 8 bits per token) for CPU demos and tests.
+    # Tiny f4 FSQ / LFQ VQGANs (the demo-vq architecture, about 8 bits per token) for CPU demos and tests, with
+    # demo-vq's 4 GroupNorm groups (issue 15: 16 over-saturated them, configs/demo-fsq.yaml and demo-lfq.yaml).
     "demo-fsq": dict(
-        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=4,
         sample_size=64, mid_block_add_attention=False, quantizer=dict(type="fsq", levels=[8, 6, 5], usage_window=50),
     ),
     "demo-lfq": dict(
-        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        type="vqgan", block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=4,
         sample_size=64, mid_block_add_attention=False,
         quantizer=dict(type="lfq", codebook_dim=8, entropy_weight=0.1, usage_window=50),
     ),
