@@ -216,7 +216,6 @@ FSQ_VARIANTS = {
     **_with_seeds("fsq/groups-4+data-v2+colour-1+pool-1", [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
     "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, *PIXEL_COLOUR],
     "fsq/preset-loss+colour-1+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, *APART],
-    "fsq/preset-loss+colour-2+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, "loss.colour_weight=2.0", *APART],
 }
 LFQ_VARIANTS = {name.replace("fsq/", "lfq/"): overrides for name, overrides in FSQ_VARIANTS.items()}
 VARIANTS = {name: (config, script, overrides) for config, script, table in (

@@ -115,18 +115,24 @@ def test_the_rest_terms_keep_their_own_gradients():
     assert not torch.allclose(grads[0], grads[1])
 
 
+COLOUR_X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                      for p in model.parameters() if p.requires_grad])
+
+
 def _colour_step(colour_weight: float, *, in_adaptive: bool):
     """One GAN step of a tiny VQGAN with the per-pixel colour term: (adaptive weight, all parameter gradients)."""
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     torch.manual_seed(2)
     disc = build_discriminator(CONFIG)
     config = LossConfig(**{**CONFIG.__dict__, "colour_weight": colour_weight, "colour_pool": 1,
                            "colour_in_adaptive_weight": in_adaptive})
     loss_fn = AutoencoderLoss(config=config, perceptual=build_perceptual("lpips-vgg", random_init=True))
     model = tiny_model("vqgan")
-    _, weight = one_pass_step(model, loss_fn, disc, x)
-    return weight, torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                              for p in model.parameters() if p.requires_grad])
+    _, weight = one_pass_step(model, loss_fn, disc, COLOUR_X)
+    return weight, _flat_grad(model)
 
 
 def test_a_colour_term_left_out_of_the_adaptive_weight_does_not_raise_the_gan_weight_but_still_trains():
@@ -136,12 +142,10 @@ def test_a_colour_term_left_out_of_the_adaptive_weight_does_not_raise_the_gan_we
     assert counted > no_colour * 1.05  # counted in the reference, the colour term raises the GAN's weight
     assert torch.allclose(left_out, no_colour, rtol=1e-5, atol=0)  # left out, the weight is taming's
     # ... and the colour term's own gradient is added in full: the step is the one without the term plus it
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     model = tiny_model("vqgan")
     torch.manual_seed(1)
-    (4.0 * colour_term(x, model(x).sample, pool=1, channels="ab")).backward()
-    grad_colour = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                             for p in model.parameters() if p.requires_grad])
+    (4.0 * colour_term(COLOUR_X, model(COLOUR_X).sample, pool=1, channels="ab")).backward()
+    grad_colour = _flat_grad(model)
     assert grad_colour.norm() > 0.05 * grad_none.norm()
     assert (grad_left_out - grad_none - grad_colour).norm() < 1e-4 * grad_left_out.norm()
     assert not torch.allclose(grad_left_out, grad_counted, rtol=1e-3, atol=0)

@@ -22,8 +22,7 @@ from torch import Tensor
 
 
 def adaptive_gan_loss(
-    x_rec: Tensor, *, nll: Tensor, gan: Tensor, rest: Tensor, last_layer: Tensor, disc_weight: float, max_ratio: float,
-    unbalanced: Tensor | None = None,
+    x_rec: Tensor, *, nll: Tensor, gan: Tensor, rest: Tensor, last_layer: Tensor, disc_weight: float, max_ratio: float
 ) -> tuple[Tensor, Tensor]:
     """`(loss, weight)`: the generator loss `nll + weight·gan + rest` to backpropagate once, and the detached weight.
 
@@ -32,12 +31,13 @@ def adaptive_gan_loss(
             from `nll` and `gan` to the parameters.
         nll (`Tensor`, scalar): reconstruction + perceptual loss of `x_rec`.
         gan (`Tensor`, scalar): the generator's GAN loss of `x_rec` (discriminator parameters detached).
-        rest (`Tensor`, scalar): the terms that do not pass through `x_rec` (KL, quantizer losses).
+        rest (`Tensor`, scalar): the terms left out of the ratio, backpropagated through their own graph: those that
+            do not pass through `x_rec` (KL, quantizer losses), and a colour term with
+            `loss.colour_in_adaptive_weight=false` (autograd sums its gradient at `x_rec` with the surrogate's, so the
+            autoencoder's backward still runs once).
         last_layer (`Tensor`): the decoder's last weight.
         disc_weight (`float`): multiplies the clamped ratio.
         max_ratio (`float`): upper clamp of the gradient-norm ratio.
-        unbalanced (`Tensor`, scalar, *optional*): a term of `x_rec` that is added to the loss but left out of the
-            ratio (the colour term with `loss.colour_in_adaptive_weight=false`): it does not raise the GAN weight.
     """
     # Means over all values give per-value gradients of about 1/numel, which fp16 flushes to zero: take them scaled by
     # numel (a constant: the ratio and the final gradient are unchanged) and unscale in fp32.
@@ -48,10 +48,7 @@ def adaptive_gan_loss(
     # The 1e-4 of taming acts on unscaled norms: scale it too.
     ratio = w_nll.float().norm() / (w_gan.float().norm() + 1e-4 * scale)
     weight = ratio.clamp(0.0, max_ratio).detach() * disc_weight
-    grad = g_nll.float() + weight * g_gan.float()
-    if unbalanced is not None:
-        grad = grad + torch.autograd.grad(unbalanced * scale, x_rec, retain_graph=True)[0].float()
-        rest = rest + unbalanced.detach()
-    surrogate = (x_rec.float() * (grad / scale)).sum() + rest
+    grad = (g_nll.float() + weight * g_gan.float()) / scale
+    surrogate = (x_rec.float() * grad).sum() + rest
     value = (nll + weight * gan + rest).detach()
     return surrogate - surrogate.detach() + value, weight

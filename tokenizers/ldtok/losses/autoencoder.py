@@ -142,23 +142,23 @@ class AutoencoderLoss(nn.Module):
             perceptual = perceptual.float().mean()
             terms["perceptual"] = perceptual
             nll = nll + cfg.perceptual_weight * perceptual
-        unbalanced = None  # the colour term when it is left out of the adaptive weight's reference
+        beside = 0.0  # the colour term when it is left out of the NLL that sets the adaptive GAN weight
         if cfg.colour_weight > 0:
             terms["colour"] = colour_term(x, x_rec, pool=cfg.colour_pool, channels=cfg.colour_channels)
             if cfg.colour_in_adaptive_weight:
                 nll = nll + cfg.colour_weight * terms["colour"]
             else:
-                unbalanced = cfg.colour_weight * terms["colour"]
-        terms["nll"] = nll if unbalanced is None else nll + unbalanced
+                beside = cfg.colour_weight * terms["colour"]
+        terms["nll"] = nll + beside
         rest = self._latent_terms(terms, step=step, num_values=C * H * W, posterior=posterior, quant=quant,
                                   output=output)
         rest = rest + shaping_terms(cfg, self.perceptual, x, output=output, transform=transform, alignment=alignment,
-                                    terms=terms)
+                                    terms=terms) + beside
 
-        loss = terms["nll"] + rest
+        loss = nll + rest
         if self.disc_active(step):
             loss = self._gan_term(terms, x_rec, discriminator=discriminator, last_layer=last_layer, step=step,
-                                  nll=nll, rest=rest, output=output, unbalanced=unbalanced)
+                                  nll=nll, rest=rest, output=output)
         terms["loss"] = loss
         return loss, {k: v.detach() for k, v in terms.items()}
 
@@ -188,9 +188,9 @@ class AutoencoderLoss(nn.Module):
 
     def _gan_term(self, terms: dict[str, Tensor], x_rec: Tensor, *, discriminator: nn.Module | None,
                   last_layer: Tensor | None, step: int, nll: Tensor, rest: Tensor,
-                  output: AutoencoderOutput | None, unbalanced: Tensor | None) -> Tensor:
-        """The whole generator loss once the GAN is on: `nll + unbalanced + rest +` the (adaptively) weighted GAN
-        term, the weight set by `nll` alone; adds `gan` and `adaptive_weight` to `terms`."""
+                  output: AutoencoderOutput | None) -> Tensor:
+        """The whole generator loss once the GAN is on: `nll + rest +` the (adaptively) weighted GAN term, the weight
+        set by `nll` alone; adds `gan` and `adaptive_weight` to `terms`."""
         cfg = self.config
         if discriminator is None:
             raise ValueError(f"step {step} >= disc_start {cfg.disc_start}: generator_loss needs the discriminator")
@@ -205,11 +205,11 @@ class AutoencoderLoss(nn.Module):
             pivot = output.logits if output is not None and output.logits is not None else x_rec
             loss, terms["adaptive_weight"] = adaptive_gan_loss(
                 pivot, nll=nll, gan=gan, rest=rest, last_layer=last_layer, disc_weight=cfg.disc_weight,
-                max_ratio=cfg.adaptive_weight_max, unbalanced=unbalanced,
+                max_ratio=cfg.adaptive_weight_max,
             )
             return loss
         terms["adaptive_weight"] = torch.tensor(cfg.disc_weight, device=x_rec.device)
-        return terms["nll"] + rest + terms["adaptive_weight"] * gan
+        return nll + rest + terms["adaptive_weight"] * gan
 
     def _kl(self, posterior: DiagonalGaussianDistribution, *, num_values: int) -> tuple[Tensor, Tensor]:
         """(free-bits KL / num_values, raw per-sample KL in nats) of a diagonal Gaussian against N(0, I)."""
