@@ -10,8 +10,9 @@ the 64 validation crops of the embedded dataset's `default-v1` version (the 7 sc
 white helmet and the white rocket among them), read as a folder so that every variant, whatever its training data,
 sees identical pixels. The numbers are the training validation of the final model (`ldtok.validation.validate`):
 PSNR, SSIM, mean CIEDE2000, chroma ratio and mean Lab shifts, plus a probe (`cast_gains`): how much of a global red /
-blue cast added to the input survives in the output, and the ST-LPIPS alex / vgg distances of the reconstructions
-(`perceptual_scores`; what a perceptual term buys). The schedule (cosine over `--steps`, 20 warm-up steps) is the
+blue cast added to the input survives in the output, the ST-LPIPS alex / vgg distances of the reconstructions
+(`perceptual_scores`; what a perceptual term buys), and PSNR and colour on the 64 `default-v2` validation crops, the
+ones `make demo` evaluates (`v2_scores`, the `v2_*` keys). The schedule (cosine over `--steps`, 20 warm-up steps) is the
 demo's, compressed to `--steps`.
 
 Not ablated: LPIPS-VGG / LPIPS-Alex (their torchvision ImageNet backbones are not available offline here and are never
@@ -112,7 +113,11 @@ KL_VARIANTS = {
     **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-1", [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR],
                   seeds=(0, 1)),
     **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-1+apart",
-                  [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, *APART], seeds=(0, 1)),
+                  [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, *APART]),
+    # the same at half the colour weight: the per-pixel term read slightly grey on the default-v2 crops (0.90-0.94)
+    **_with_seeds("kl/groups-4+data-v2+luma+colour-0.5+pool-1+apart",
+                  [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, "loss.colour_weight=0.5", *APART],
+                  seeds=(0, 1)),
 }
 VQ_VARIANTS = {
     "vq/base": [],
@@ -127,6 +132,8 @@ VQ_VARIANTS = {
     **_with_seeds("vq/groups-4+data-v2", [*FIXED], seeds=(1,)),
     **_with_seeds("vq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(1,)),
     **_with_seeds("vq/groups-4+data-v2+colour-1+pool-1", [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
+    # demo-vq with its colour term left out of the adaptive GAN weight, as in the presets
+    **_with_seeds("vq/groups-4+data-v2+colour-1+pool-1+apart", [*FIXED, *PIXEL_COLOUR, *APART], seeds=(0, 1)),
     **_with_seeds("vq/groups-4+data-v2+colour-lab-1", [*FIXED, "loss.colour_weight=1.0", "loss.colour_channels=lab"]),
     **_with_seeds("vq/groups-4+data-v2+luma", [*FIXED, "loss.perceptual_input=luma"]),
     **_with_seeds("vq/groups-4+data-v2+colour-1+luma",
@@ -145,6 +152,8 @@ VQVAE2_VARIANTS = {
     # the colour term (what demo-vqvae2 uses) and the luma perceptual input together
     **_with_seeds("vqvae2/groups-4+data-v2+colour-1+pool-1",
                   [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
+    # demo-vqvae2 with its colour term left out of the adaptive GAN weight, as in the presets
+    **_with_seeds("vqvae2/groups-4+data-v2+colour-1+apart", [*FIXED, "loss.colour_weight=1.0", *APART], seeds=(0, 1)),
     **_with_seeds("vqvae2/groups-4+data-v2+colour-1+luma",
                   [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
@@ -214,6 +223,7 @@ FSQ_VARIANTS = {
     **_with_seeds("fsq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(0, 1)),
     "fsq/preset-loss": [*PRESET_LOSS],
     **_with_seeds("fsq/groups-4+data-v2+colour-1+pool-1", [*FIXED, *PIXEL_COLOUR], seeds=(0, 1)),
+    **_with_seeds("fsq/groups-4+data-v2+colour-1+pool-1+apart", [*FIXED, *PIXEL_COLOUR, *APART], seeds=(0, 1)),
     "fsq/preset-loss+colour-1+pool-1": [*PRESET_LOSS, *PIXEL_COLOUR],
     "fsq/preset-loss+colour-1+pool-1+apart": [*PRESET_LOSS, *PIXEL_COLOUR, *APART],
 }
@@ -227,16 +237,13 @@ VARIANTS = {name: (config, script, overrides) for config, script, table in (
 ) for name, overrides in table.items()}
 
 
-def cast_gains(model_dir: Path, images) -> dict[str, float]:
+def cast_gains(model, images) -> dict[str, float]:
     """How much of a global colour cast of the input the reconstruction keeps: (mean output shift) / (mean input
     shift) of the red channel for `+CAST` on red, and of blue for `+CAST` on blue. 1 = follows the cast; near 0 = the
     model ignores the input's overall colour and paints its own (what a per-image normalization that removes colour
     statistics would do)."""
     import torch
 
-    from ldtok.models import load_tokenizer
-
-    model = load_tokenizer(str(model_dir)).eval()
     gains = {}
     with torch.no_grad():
         base = model(images).sample.float().mean(dim=(0, 2, 3))  # (3,)
@@ -249,16 +256,34 @@ def cast_gains(model_dir: Path, images) -> dict[str, float]:
     return gains
 
 
-def perceptual_scores(model_dir: Path, images, judges: dict) -> dict[str, float]:
+def reconstruct(model, images):
+    """The model's reconstructions of `images`, clamped to `[-1, 1]`, 16 at a time."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(chunk).sample.float().clamp(-1, 1) for chunk in images.split(16)])
+
+
+def perceptual_scores(model, images, judges: dict) -> dict[str, float]:
     """Mean ST-LPIPS distance (lower is better) of the final model's reconstructions of `images`, per judge."""
     import torch
 
-    from ldtok.models import load_tokenizer
-
-    model = load_tokenizer(str(model_dir)).eval()
+    rec = reconstruct(model, images)
     with torch.no_grad():
-        rec = torch.cat([model(chunk).sample.float().clamp(-1, 1) for chunk in images.split(16)])
         return {name.replace("-", "_"): float(net(images, rec).mean()) for name, net in judges.items()}
+
+
+def v2_scores(model, images) -> dict[str, float]:
+    """PSNR and colour of the final model on the `default-v2` validation crops (what `make demo`'s `ldtok eval`
+    scores), keyed `v2_<metric>`: the rows' main columns are on the `default-v1` crops, which every row shares."""
+    from ldtok.metrics.colour import colour_metrics
+    from ldtok.metrics.image import mean_psnr, psnr
+
+    rec = reconstruct(model, images)
+    colour = colour_metrics(images, rec)
+    return {"v2_psnr": mean_psnr(psnr(images, rec)), "v2_delta_e": colour.delta_e,
+            "v2_chroma_ratio": colour.chroma_ratio, "v2_lab_shift_a": colour.lab_shift_a,
+            "v2_lab_shift_b": colour.lab_shift_b}
 
 
 def variant_args(name: str, *, run_dir: Path, steps: int, folders: dict[str, str], val_dir: str) -> list[str]:
@@ -273,7 +298,7 @@ def variant_args(name: str, *, run_dir: Path, steps: int, folders: dict[str, str
 
 
 def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], val_dir: str, images, val_images,
-                judges: dict) -> dict:
+                v2_images, judges: dict) -> dict:
     """Train one variant (unless its `summary.json` exists) and return its final validation metrics."""
     config, script, overrides = VARIANTS[name]
     run_dir = out / name.replace("/", "__")
@@ -291,10 +316,12 @@ def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], va
         print(f"{name}: trained in {time.time() - start:.0f}s", file=sys.stderr)
     result = json.loads(summary.read_text())
     val = result["validation"]
-    gains = cast_gains(run_dir / "final", images)
-    scores = perceptual_scores(run_dir / "final", val_images, judges)
+    from ldtok.models import load_tokenizer
+
+    model = load_tokenizer(str(run_dir / "final")).eval()
     return {"overrides": overrides, "steps": result["steps"], "grid": val.get("grid"),
-            **{k: val[k] for k in COLUMNS if k in val}, **gains, **scores}
+            **{k: val[k] for k in COLUMNS if k in val}, **cast_gains(model, images),
+            **perceptual_scores(model, val_images, judges), **v2_scores(model, v2_images)}
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -352,14 +379,16 @@ def main() -> None:
 
     val_images = load_folder(str(v1 / "validation"), resolution=64)  # (64, 3, 64, 64), what validation scores
     images = val_images[:32]  # for the colour-cast probe
+    v2_images = load_folder(str(v2 / "validation"), resolution=64)
     judges = {name: build_perceptual(name) for name in JUDGES}
     rows = {}
     for name in names:
         rows[name] = run_variant(name, out=out, steps=args.steps, folders=folders, val_dir=str(v1 / "validation"),
-                                 images=images, val_images=val_images, judges=judges)
+                                 images=images, val_images=val_images, v2_images=v2_images, judges=judges)
     print_table(rows)
     settings = {"steps": args.steps, "resolution": 64, "batch_size": 8, "validation": str(v1 / "validation"),
-                "validation_images": 64, "machine": "CPU, 1 process, OMP_NUM_THREADS=1"}
+                "validation_images": 64, "v2_validation": str(v2 / "validation"),
+                "machine": "CPU, 1 process, OMP_NUM_THREADS=1"}
     write_json_atomic(out / "ablation.json", {"settings": settings, "rows": rows}, indent=2)
     print(f"\nwrote {out / 'ablation.json'}")
 

@@ -3,8 +3,10 @@ only when that row's turn comes, minutes into a run of many)."""
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ldtok.config import ConfigError, load_config
 from ldtok.training import RunConfig
@@ -50,3 +52,29 @@ def test_rows_change_what_they_name():
 def test_a_bad_override_names_its_key():
     with pytest.raises(ConfigError, match="loss.perceptual_inptu"):
         load_config(RunConfig, ROOT / "configs/demo-kl.yaml", ["loss.perceptual_inptu=luma"])
+
+
+def test_half_colour_weight_row_overrides_the_pixel_term():
+    half = _config("kl/groups-4+data-v2+luma+colour-0.5+pool-1+apart+seed-1")
+    assert (half.loss.colour_weight, half.loss.colour_pool, half.loss.colour_in_adaptive_weight) == (0.5, 1, False)
+    assert half.loss.perceptual_input == "luma" and half.train.seed == 1
+
+
+class _Scaled(torch.nn.Module):
+    """A stand-in tokenizer whose reconstruction is the input's chroma scaled by `gain` around its grey."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        grey = x.mean(dim=1, keepdim=True)
+        return SimpleNamespace(sample=grey + self.gain * (x - grey))
+
+
+def test_v2_scores_read_a_desaturation():
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    same = ablate_colour.v2_scores(_Scaled(1.0), images)
+    assert same["v2_delta_e"] < 1e-6 and abs(same["v2_chroma_ratio"] - 1) < 1e-6 and same["v2_psnr"] == 100.0
+    grey = ablate_colour.v2_scores(_Scaled(0.5), images)
+    assert 0.4 < grey["v2_chroma_ratio"] < 0.6 and grey["v2_delta_e"] > 5 and grey["v2_psnr"] < 40
