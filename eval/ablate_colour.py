@@ -47,9 +47,11 @@ CAST = 0.3  # a global colour cast added to the red (or blue) channel of every v
 
 # The demo recipe as it was before the fix of issue 15, which every variant starts from: the preset's 16 GroupNorm
 # groups (the configs now get 4 from the preset), the default-v1 training photos (`data.path={v1}`, set below) and
-# no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`), and the perceptual term on RGB (demo-kl
-# now sets `loss.perceptual_input=luma`).
-BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0", "loss.perceptual_input=rgb"]
+# no colour term (demo-vq and demo-vqvae2 now set `loss.colour_weight=1`), the perceptual term on RGB (demo-kl
+# now sets `loss.perceptual_input=luma`), and a colour term counted in the adaptive GAN weight (the default before;
+# the rows' `+apart` leave it out, as the default now does).
+BEFORE_FIX = ["model.norm_num_groups=16", "loss.colour_weight=0", "loss.perceptual_input=rgb",
+              "loss.colour_in_adaptive_weight=true"]
 FIXED = ["model.norm_num_groups=4", "data.path={v2}"]  # the demo configs' colour fixes, on top of BEFORE_FIX
 # the colour term at every pixel (no pooling): the rows' `+colour-1+pool-1`
 PIXEL_COLOUR = ["loss.colour_weight=1.0", "loss.colour_pool=1"]
@@ -118,6 +120,11 @@ KL_VARIANTS = {
     **_with_seeds("kl/groups-4+data-v2+luma+colour-0.5+pool-1+apart",
                   [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, "loss.colour_weight=0.5", *APART],
                   seeds=(0, 1)),
+    # the same pooled 2x and 4x: the per-pixel term read grey on the default-v2 crops (0.87-0.94, the flower ×0.8)
+    **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-2+apart",
+                  [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, "loss.colour_pool=2", *APART]),
+    **_with_seeds("kl/groups-4+data-v2+luma+colour-1+pool-4+apart",
+                  [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, "loss.colour_pool=4", *APART]),
 }
 VQ_VARIANTS = {
     "vq/base": [],

@@ -52,11 +52,13 @@ class LossConfig:
         colour_pool (`int`, defaults to 4): the colour term's average-pooling factor (1: every pixel).
         colour_channels (`str`, defaults to `"ab"`): what the colour term compares: `"ab"` the chroma planes only,
             `"lab"` the chroma plus the pooled lightness L* (which then cannot drift to buy chroma).
-        colour_in_adaptive_weight (`bool`, defaults to `True`): whether the colour term counts in the NLL whose
+        colour_in_adaptive_weight (`bool`, defaults to `False`): whether the colour term counts in the NLL whose
             last-layer gradient norm sets the adaptive GAN weight. With `True` a stronger colour term also raises the
             GAN's weight (issue 15: per-pixel weight 2 took it from 0.11 to 1.48 at step 350 of a VQ run, and the run
             lost 1.8 dB); with `False` the weight is set by the reconstruction and perceptual terms alone (taming's
-            NLL) and the colour term is added beside them.
+            NLL) and the colour term is added beside them. `False` measured better for the VQ and KL presets' loss,
+            demo-kl and demo-vq (`eval/ablate_colour.py`); demo-vqvae2, demo-fsq and demo-lfq set `True`, which
+            kept their chroma ratio or ΔE closer to the input's.
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
         disc_input (`"rgb"`, `"luma"` or `"grey"`, defaults to `"rgb"`): what the discriminator sees, real and
             reconstructed alike: the RGB images, or one grey image replicated to three channels (as for
@@ -116,7 +118,7 @@ class LossConfig:
     colour_weight: float = 0.0
     colour_pool: int = 4
     colour_channels: Literal["ab", "lab"] = "ab"
-    colour_in_adaptive_weight: bool = True
+    colour_in_adaptive_weight: bool = False
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_input: Literal["rgb", "luma", "grey"] = "rgb"
     disc_weight: float = 0.5
