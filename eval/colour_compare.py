@@ -36,6 +36,12 @@ def load_folder(path: str, *, resolution: int, with_ids: bool = False):
     return (images, [item["id"] for item in items]) if with_ids else images
 
 
+def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
+    """The model's reconstructions of `images`, clamped to `[-1, 1]`, 16 at a time, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(chunk).sample.float().clamp(-1, 1) for chunk in images.split(16)])
+
+
 def chroma_breakdown(images: torch.Tensor, rec: torch.Tensor, ids: list[str]) -> dict:
     """Where the chroma ratio comes from: per source photo (the embedded crops are named `NNNN_<photo>.png`), with
     the photo's mean original chroma, and for the whole set after average-pooling both images by 2, 4 and 8 (colour
@@ -101,8 +107,7 @@ def main() -> None:
         name, _, path = spec.partition("=")
         model = load_tokenizer(path).eval()
         results[name] = {"path": path, **{k: v for k, v in validate(model, images, device="cpu").items()}}
-        with torch.no_grad():
-            rec = torch.cat([model(chunk).sample.float().clamp(-1, 1) for chunk in images.split(16)])
+        rec = reconstruct(model, images)
         rows.append(rec[: args.grid])
         if args.breakdown:
             results[name]["breakdown"] = chroma_breakdown(images, rec, ids)
