@@ -127,7 +127,8 @@ def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], va
     from ldtok.models import load_tokenizer
 
     model = load_tokenizer(str(run_dir / "final")).eval()
-    return {"overrides": overrides, "steps": result["steps"], "grid": val.get("grid"),
+    return {"overrides": overrides, "steps": result["steps"], "torch_threads": result.get("torch_threads"),
+            "grid": val.get("grid"),
             **{k: val[k] for k in COLUMNS if k in val}, **cast_gains(model, images),
             **perceptual_scores(model, val_images, judges), **v2_scores(model, v2_images)}
 
@@ -195,7 +196,7 @@ def main() -> None:
     print_table(rows)
     settings = {"steps": args.steps, "resolution": 64, "batch_size": 8, "validation": str(v1 / "validation"),
                 "validation_images": 64, "v2_validation": str(v2 / "validation"),
-                "machine": "CPU, 1 process, OMP_NUM_THREADS=1"}
+                "machine": f"CPU, 1 process, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"}
     write_json_atomic(out / "ablation.json", {"settings": settings, "rows": rows}, indent=2)
     print(f"\nwrote {out / 'ablation.json'}")
 

@@ -33,6 +33,7 @@ def test_train_writes_checkpoints_grid_and_final_diffusers_model(run4):
     assert all(not v for v in info.values()), info
     summary = json.loads((run4 / "summary.json").read_text())
     assert summary["steps"] == 4
+    assert summary["torch_threads"] == 1  # launch() runs with OMP_NUM_THREADS=1: what a bit-exact rerun needs
     assert summary["latent_statistics"]["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
     grid = Image.open(summary["validation"]["grid"])
     assert grid.size[1] > 2 * 32  # originals above reconstructions

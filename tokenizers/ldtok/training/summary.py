@@ -32,6 +32,9 @@ def final_summary(loop: TrainingLoop, task: AutoencoderTask) -> dict:
         "images_per_s": task.meter.rate(),
         "peak_memory_mib": peak_memory_mib(accelerator.device),
         "num_processes": accelerator.num_processes,
+        # CPU kernels sum in an order that depends on the thread count: the same seed on 1 and 2 threads diverges
+        # like two seeds (bit-exact reruns and resumes need the same count)
+        "torch_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
         "perceptual_precision": _perceptual_precision(task),
         "rank_checksums": all_gather_objects(weights_checksum(*task.weights.values())),
