@@ -41,8 +41,8 @@ from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_a
 from ldtok.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b", "cast_gain_r",
-           "cast_gain_b", "stlpips_alex", "stlpips_vgg")
+COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "chroma_ratio_median", "lab_shift_l", "lab_shift_a",
+           "lab_shift_b", "cast_gain_r", "cast_gain_b", "stlpips_alex", "stlpips_vgg")
 # The trained ST-LPIPS networks (their weights ship with pip) that score the final model on the validation crops:
 # alex is what the demos train with, vgg a second judge that no variant trains on.
 JUDGES = ("stlpips-alex", "stlpips-vgg")
@@ -90,7 +90,8 @@ def v2_scores(model, images) -> dict[str, float]:
     rec = reconstruct(model, images)
     colour = colour_metrics(images, rec)
     return {"v2_psnr": mean_psnr(psnr(images, rec)), "v2_delta_e": colour.delta_e,
-            "v2_chroma_ratio": colour.chroma_ratio, "v2_lab_shift_a": colour.lab_shift_a,
+            "v2_chroma_ratio": colour.chroma_ratio, "v2_chroma_ratio_median": colour.chroma_ratio_median,
+            "v2_lab_shift_a": colour.lab_shift_a,
             "v2_lab_shift_b": colour.lab_shift_b}
 
 

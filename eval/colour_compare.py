@@ -22,7 +22,8 @@ from ldtok.config import check_range, invalid
 from ldtok.config_cli import ArgumentParser, add_config_arguments, config_from_args
 from ldtok.errors import run_cli
 
-COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "lab_shift_l", "lab_shift_a", "lab_shift_b")
+COLUMNS = ("psnr", "ssim", "delta_e", "chroma_ratio", "chroma_ratio_median", "lab_shift_l", "lab_shift_a",
+           "lab_shift_b")
 
 
 def load_folder(path: str, *, resolution: int, with_ids: bool = False):
@@ -114,7 +115,7 @@ def main() -> None:
     print(f"{len(images)} images from {args.data} at {args.resolution} px")
     print(f"{'model':<16}" + "".join(f"{c:>13}" for c in COLUMNS))
     for name, r in results.items():
-        print(f"{name:<16}" + "".join(f"{r[c]:>13.4f}" for c in COLUMNS))
+        print(f"{name:<16}" + "".join(f"{r.get(c, float('nan')):>13.4f}" for c in COLUMNS))
     if args.breakdown:
         print("\nchroma ratio per source photo (its mean original chroma), and of the whole set pooled 2x / 4x / 8x:")
         for name, r in results.items():

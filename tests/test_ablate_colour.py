@@ -78,3 +78,4 @@ def test_v2_scores_read_a_desaturation():
     assert same["v2_delta_e"] < 1e-6 and abs(same["v2_chroma_ratio"] - 1) < 1e-6 and same["v2_psnr"] == 100.0
     grey = ablate_colour.v2_scores(_Scaled(0.5), images)
     assert 0.4 < grey["v2_chroma_ratio"] < 0.6 and grey["v2_delta_e"] > 5 and grey["v2_psnr"] < 40
+    assert 0.4 < grey["v2_chroma_ratio_median"] < 0.6

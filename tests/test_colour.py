@@ -159,6 +159,8 @@ def test_eval_report_has_colour_metrics_and_histogram_picture(tmp_path):
     paths = write_report(result, tmp_path, model={"path": "tint"}, dataset={"source": "test"})
     report = json.loads(paths["json"].read_text())
     assert report["metrics"]["val/chroma_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert report["metrics"]["val/chroma_ratio_median"] == pytest.approx(0.5, abs=0.02)
+    assert all(row["chroma_ratio"] == pytest.approx(0.5, abs=0.03) for row in report["per_image"])
     assert {"val/delta_e", "val/lab_shift_l", "val/lab_shift_a", "val/lab_shift_b"} <= set(report["metrics"])
     assert len(report["chroma_histogram"]["originals"]) == CHROMA_BINS
     assert (tmp_path / "chroma_histogram.png").is_file()
@@ -176,3 +178,34 @@ def test_default_dataset_v2_adds_every_wheel_photo_and_keeps_v1_buildable():
         assert (dd.package_data_dir(package) / file).is_file(), f"{package} does not ship {file}"
     with pytest.raises(ValueError, match="unknown default dataset"):
         dd.default_dataset_dir(name="default-v0")
+
+
+def test_median_chroma_ratio_reads_the_typical_image_that_the_ratio_of_sums_hides():
+    """One vivid image that keeps its colour and four duller ones that turn half grey: the ratio of sums reads the
+    vivid one, the median the four; a near-grey image with a faint tint is not counted in the median."""
+    vivid = _edit_lab(_photo_like(12), chroma_scale=1.0)[:1]
+    dull = _edit_lab(torch.cat([_photo_like(13), _photo_like(14)]), chroma_scale=0.3)
+    grey = torch.zeros(1, 3, 32, 32)
+    x = torch.cat([vivid, dull, grey])
+    tinted = grey + 0.02 * torch.tensor([1.0, -1.0, 0.0])[None, :, None, None]
+    y = torch.cat([vivid, _edit_lab(dull, chroma_scale=0.5), tinted])
+    c = colour_metrics(x, y)
+    assert c.colourful_images == 5
+    assert c.chroma_ratio_median == pytest.approx(0.5, abs=0.03)
+    assert c.chroma_ratio > 0.7  # the vivid image's chroma dominates the sums
+    assert c.as_dict()["chroma_ratio_median"] == c.chroma_ratio_median
+    grey_set = colour_metrics(torch.cat([grey, grey]), torch.cat([grey, grey]))
+    assert grey_set.chroma_ratio_median is None and "chroma_ratio_median" not in grey_set.as_dict()
+
+
+def test_eval_report_marks_the_median_chroma_ratio_not_run_on_a_grey_set():
+    from accelerate import Accelerator
+
+    from ldtok.evaluation import EvalOptions, evaluate_tokenizer
+
+    grey = torch.zeros(2, 3, 32, 32)
+    dataset = [{"pixel_values": grey[i], "id": f"img{i}"} for i in range(2)]
+    options = EvalOptions(perceptual=[], fid="off", grid_images=2, interpolation_pairs=0, progress=False)
+    result = evaluate_tokenizer(torch.nn.Identity(), dataset, accelerator=Accelerator(cpu=True), options=options)
+    assert result.value("val/chroma_ratio_median") is None
+    assert all(row["chroma_ratio"] is None for row in result.per_image)

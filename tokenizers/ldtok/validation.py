@@ -17,7 +17,8 @@ from .metrics.image import PSNR_CAP, psnr, ssim
 def validate(model: nn.Module, images: Tensor, *, device, autocast=contextlib.nullcontext,
              batch_size: int = 16) -> dict[str, float]:
     """PSNR and SSIM (on [0, 255]-quantized images) of `model`'s reconstructions of `images` `(N, 3, H, W)`, their
-    colour fidelity (`ldtok.metrics.colour`: `delta_e`, `lab_shift_l/a/b`, `chroma_ratio`), and for VQ models the
+    colour fidelity (`ldtok.metrics.colour`: `delta_e`, `lab_shift_l/a/b`, `chroma_ratio`, `chroma_ratio_median`
+    unless no image is colourful), and for VQ models the
     codebook usage and perplexity over the set (per level for VQ-VAE-2)."""
     was_training = model.training
     model.eval()

@@ -146,7 +146,8 @@ def evaluate_tokenizer(
         result.pictures["chroma_histogram"] = Picture(
             chroma_histogram_picture(colour.chroma_hist),
             f"per-pixel chroma C* of all {colour.num_images} images: originals (grey bars) vs reconstructions (red "
-            f"outline), fraction of pixels per bin; chroma ratio {colour.chroma_ratio:.3f}")
+            f"outline), fraction of pixels per bin; chroma ratio {colour.chroma_ratio:.3f}"
+            + (f", median image {colour.chroma_ratio_median:.3f}" if colour.chroma_ratio_median is not None else ""))
     from ..latent_tools import add_latent_tools
 
     add_latent_tools(result, model, dataset, options=options, device=device, autocast=accelerator.autocast, main=main)

@@ -199,7 +199,8 @@ def render_html(report: dict, result: EvalResult, pngs: dict[str, bytes]) -> str
         head = "".join(f"<th>{e(c)}</th>" for c in cols)
         parts += [f"<h2>{e(title)}</h2>", f'<table class="worst"><tr>{head}</tr>']
         for row in rows:
-            cells = "".join(f"<td>{e(_fmt(v) if isinstance(v, float) else str(v))}</td>" for v in row.values())
+            cells = "".join(f"<td>{e(_fmt(v) if isinstance(v, float) else '' if v is None else str(v))}</td>"
+                            for v in row.values())
             parts.append(f"<tr>{cells}</tr>")
         parts.append("</table>")
     parts.append("</body></html>")

@@ -43,8 +43,9 @@ class EvalResult:
         skipped (`list[str]`): ids of images that could not be decoded.
         num_processes (`int`): processes that took part.
         metrics (`list[Metric]`): every aggregate number, in report order.
-        per_image (`list[dict]`): `{"id", "mse", "psnr", "ssim", <perceptual net>...}` per image, highest MSE first
-            (ties by id); PSNR `inf` for exact reconstructions.
+        per_image (`list[dict]`): `{"id", "mse", "psnr", "ssim", "delta_e", "chroma_ratio", <perceptual net>...}`
+            per image, highest MSE first (ties by id); PSNR `inf` for exact reconstructions; `chroma_ratio` `None`
+            for images below `CHROMA_MIN` mean chroma (`ldtok.metrics.colour`).
         kl_per_channel (`list[float]`, *optional*): KL models: mean KL per latent channel, nats per image.
         collapsed_channels (`list[int]`, *optional*): KL models: channels below `collapse_threshold`.
         codebook (`dict[str, dict[str, float]]`, *optional*): VQ models: level name -> `codebook_stats`.

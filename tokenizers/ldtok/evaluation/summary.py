@@ -8,6 +8,7 @@ import torch
 
 from ..data import DataError
 from ..metrics import PSNR_CAP, bit_entropy, codebook_stats, collapsed_channels, fid_from_moments
+from ..metrics.colour import CHROMA_MIN
 from .result import EvalResult, Metric
 
 
@@ -139,7 +140,9 @@ def _per_image_rows(gathered, ids: list[str], nets) -> list[dict]:
     rows = []
     for sid in ids:
         v = gathered.values[sid]
-        row = {"id": sid, "mse": v["mse"], "psnr": v["psnr"], "ssim": v["ssim"], "delta_e": v["colour/delta_e"]}
+        row = {"id": sid, "mse": v["mse"], "psnr": v["psnr"], "ssim": v["ssim"], "delta_e": v["colour/delta_e"],
+               "chroma_ratio": (float(v["colour/chroma_rec"] / v["colour/chroma"]) if v["colour/chroma"] >= CHROMA_MIN
+                                else None)}
         row.update({name: v[name] for name in nets})
         rows.append(row)
     rows.sort(key=lambda r: (-r["mse"], r["id"]))
@@ -159,6 +162,10 @@ def _colour_metrics(gathered) -> list[Metric]:
         Metric("val/lab_shift_b", c.lab_shift_b, "yellow-blue shift (b*)", f"{shift} b*, + = towards yellow; {how}"),
         Metric("val/chroma_ratio", c.chroma_ratio, "chroma ratio",
                f"sum of reconstructions' mean chroma C* / the same for originals; 1 = no desaturation; {how}"),
+        Metric("val/chroma_ratio_median", c.chroma_ratio_median, "median image's chroma ratio",
+               f"median over the {c.colourful_images} colourful images (mean C* >= {CHROMA_MIN:g}) of each one's "
+               f"reconstruction / original mean chroma: what a typical image keeps; {how}" if c.colourful_images else
+               f"not run: no image has a mean chroma C* of {CHROMA_MIN:g} or more (a grey set)"),
     ]
 
 

@@ -11,7 +11,10 @@ PSNR, SSIM and LPIPS barely register a desaturated or tinted reconstruction; the
   yellow, negative towards blue; L* is lightness (0-100).
 - `chroma_ratio`: (sum over images of the reconstruction's mean chroma C* = sqrt(a*^2 + b*^2)) / (the same for the
   originals). 1.0 means no loss of saturation, 0.5 half the saturation. A ratio of sums, not a mean of per-image
-  ratios, so near-grey images (tiny chroma) cannot dominate it.
+  ratios, so near-grey images (tiny chroma) cannot dominate it. The flip side: the most saturated images dominate
+  it, and a set whose one vivid photo keeps its colour reads near 1 while most images turn grey.
+- `chroma_ratio_median`: the median over the colourful images (original mean C* >= `CHROMA_MIN`) of each image's
+  own ratio (reconstruction's mean C* / original's): what a typical image keeps. `None` when no image is colourful.
 - Chroma histograms: per-pixel C* counted in `CHROMA_BINS` bins of `CHROMA_BIN_WIDTH` (the last bin also holds
   everything above), summed over images, for the originals and the reconstructions.
 """
@@ -29,7 +32,8 @@ from .image import to_uint8
 
 CHROMA_BINS = 32
 CHROMA_BIN_WIDTH = 4.0  # C* units: bins cover [0, 128); sRGB's most saturated colours reach C* ~ 134 (blue)
-COLOUR_KEYS = ("delta_e", "lab_shift_l", "lab_shift_a", "lab_shift_b", "chroma_ratio")
+CHROMA_MIN = 5.0  # mean C* from which an image counts as colourful (`chroma_ratio_median`); greys read ~0-3
+COLOUR_KEYS = ("delta_e", "lab_shift_l", "lab_shift_a", "lab_shift_b", "chroma_ratio", "chroma_ratio_median")
 
 
 @dataclass
@@ -73,6 +77,9 @@ class ColourSummary:
         lab_shift_l (`float`), lab_shift_a (`float`), lab_shift_b (`float`): mean Lab shift, reconstruction minus
             original.
         chroma_ratio (`float`): reconstructed / original mean chroma.
+        chroma_ratio_median (`float`, *optional*): the median colourful image's chroma ratio; `None` when no image
+            has a mean C* of `CHROMA_MIN` or more.
+        colourful_images (`int`): images with a mean C* of `CHROMA_MIN` or more.
         chroma_hist (`Tensor` of shape `(2, CHROMA_BINS)`): summed per-pixel chroma counts (originals,
             reconstructions).
         num_images (`int`): images summarized.
@@ -83,12 +90,14 @@ class ColourSummary:
     lab_shift_a: float
     lab_shift_b: float
     chroma_ratio: float
+    chroma_ratio_median: float | None
+    colourful_images: int
     chroma_hist: Tensor
     num_images: int
 
     def as_dict(self) -> dict[str, float]:
-        """The scalar metrics, keyed as `COLOUR_KEYS`."""
-        return {k: float(getattr(self, k)) for k in COLOUR_KEYS}
+        """The scalar metrics, keyed as `COLOUR_KEYS` (`chroma_ratio_median` left out when it is `None`)."""
+        return {k: float(getattr(self, k)) for k in COLOUR_KEYS if getattr(self, k) is not None}
 
 
 def _lab(x: Tensor) -> np.ndarray:
@@ -156,9 +165,13 @@ def summarize_colour(*, delta_e: Tensor, lab_shift: Tensor, chroma: Tensor, chro
     # An all-grey set has no chroma to lose: the ratio is 1 if the reconstructions are grey too, else +inf.
     ratio = float(chroma_rec.double().sum()) / total if total > 0 else (1.0 if float(chroma_rec.sum()) == 0 else
                                                                           float("inf"))
+    colourful = chroma.double() >= CHROMA_MIN
+    per_image = chroma_rec.double()[colourful] / chroma.double()[colourful]
+    median = float(np.median(per_image.numpy())) if len(per_image) else None  # the middle two's mean when even
     return ColourSummary(
         delta_e=float(delta_e.double().mean()), lab_shift_l=float(shift[0]), lab_shift_a=float(shift[1]),
-        lab_shift_b=float(shift[2]), chroma_ratio=ratio, chroma_hist=chroma_hist.double().sum(dim=0), num_images=n,
+        lab_shift_b=float(shift[2]), chroma_ratio=ratio, chroma_ratio_median=median,
+        colourful_images=int(colourful.sum()), chroma_hist=chroma_hist.double().sum(dim=0), num_images=n,
     )
 
 
