@@ -135,11 +135,11 @@ def run_variant(name: str, *, out: Path, steps: int, folders: dict[str, str], va
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    head = f"{'variant':<36}" + "".join(f"{c:>13}" for c in COLUMNS)
+    head = f"{'variant':<36}" + "".join(f"{c:>{max(13, len(c) + 1)}}" for c in COLUMNS)
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
-        print(f"{name:<36}" + "".join(f"{r.get(c, float('nan')):>13.4f}" for c in COLUMNS))
+        print(f"{name:<36}" + "".join(f"{r.get(c, float('nan')):>{max(13, len(c) + 1)}.4f}" for c in COLUMNS))
     print("\nchange against the family's base row (delta_e: lower is better; chroma_ratio: 1 is no desaturation):")
     for name, r in rows.items():
         base = rows.get(name.split("/")[0] + "/base")

@@ -113,9 +113,9 @@ def main() -> None:
         if args.breakdown:
             results[name]["breakdown"] = chroma_breakdown(images, rec, ids)
     print(f"{len(images)} images from {args.data} at {args.resolution} px")
-    print(f"{'model':<16}" + "".join(f"{c:>13}" for c in COLUMNS))
+    print(f"{'model':<16}" + "".join(f"{c:>{max(13, len(c) + 1)}}" for c in COLUMNS))
     for name, r in results.items():
-        print(f"{name:<16}" + "".join(f"{r.get(c, float('nan')):>13.4f}" for c in COLUMNS))
+        print(f"{name:<16}" + "".join(f"{r.get(c, float('nan')):>{max(13, len(c) + 1)}.4f}" for c in COLUMNS))
     if args.breakdown:
         print("\nchroma ratio per source photo (its mean original chroma), and of the whole set pooled 2x / 4x / 8x:")
         for name, r in results.items():

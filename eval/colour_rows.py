@@ -88,7 +88,7 @@ KL_VARIANTS = {
                   [*FIXED, "loss.perceptual_input=luma", *PIXEL_COLOUR, "loss.colour_pool=4", *APART]),
 }
 VQ_VARIANTS = {
-    "vq/base": [],
+    **_with_seeds("vq/base", [], seeds=(0, 1)),
     "vq/codebook-1024": ["model.quantizer.codebook_size=1024"],
     "vq/codebook-dim-8": ["model.quantizer.codebook_dim=8", "model.latent_channels=8"],
     "vq/no-perceptual": ["loss.perceptual=none", "loss.perceptual_weight=0"],
@@ -108,7 +108,7 @@ VQ_VARIANTS = {
                   [*FIXED, "loss.colour_weight=1.0", "loss.perceptual_input=luma"]),
 }
 VQVAE2_VARIANTS = {
-    "vqvae2/base": [],
+    **_with_seeds("vqvae2/base", [], seeds=(0, 1)),
     "vqvae2/groups-4+data-v2": ["model.norm_num_groups=4", "data.path={v2}"],
     "vqvae2/groups-4+data-v2+colour-1": ["model.norm_num_groups=4", "data.path={v2}", "loss.colour_weight=1.0"],
     **_with_seeds("vqvae2/groups-4+data-v2", [*FIXED], seeds=(1, 2)),
@@ -186,7 +186,7 @@ VQ_PRESET_VARIANTS = {
 # demo-fsq and demo-lfq as they shipped (the presets' 16 GroupNorm groups, default-v2 photos), with demo-vq's two
 # colour fixes (4 groups; the colour term), and fsq-f16 / lfq-f16-18bit's loss (the VQ presets' loss) on their models
 FSQ_VARIANTS = {
-    "fsq/demo": ["data.path={v2}"],
+    **_with_seeds("fsq/demo", ["data.path={v2}"], seeds=(0, 1)),
     "fsq/groups-4+data-v2": [*FIXED],
     **_with_seeds("fsq/groups-4+data-v2+colour-1", [*FIXED, "loss.colour_weight=1.0"], seeds=(0, 1)),
     "fsq/preset-loss": [*PRESET_LOSS],
