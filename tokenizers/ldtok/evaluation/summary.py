@@ -8,7 +8,7 @@ import torch
 
 from ..data import DataError
 from ..metrics import PSNR_CAP, bit_entropy, codebook_stats, collapsed_channels, fid_from_moments
-from ..metrics.colour import CHROMA_MIN
+from ..metrics.colour import CHROMA_MIN, image_chroma_ratios
 from .result import EvalResult, Metric
 
 
@@ -140,9 +140,9 @@ def _per_image_rows(gathered, ids: list[str], nets) -> list[dict]:
     rows = []
     for sid in ids:
         v = gathered.values[sid]
+        ratio = float(image_chroma_ratios(v["colour/chroma"], v["colour/chroma_rec"]))  # NaN: a near-grey image
         row = {"id": sid, "mse": v["mse"], "psnr": v["psnr"], "ssim": v["ssim"], "delta_e": v["colour/delta_e"],
-               "chroma_ratio": (float(v["colour/chroma_rec"] / v["colour/chroma"]) if v["colour/chroma"] >= CHROMA_MIN
-                                else None)}
+               "chroma_ratio": None if math.isnan(ratio) else ratio}
         row.update({name: v[name] for name in nets})
         rows.append(row)
     rows.sort(key=lambda r: (-r["mse"], r["id"]))

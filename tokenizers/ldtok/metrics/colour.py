@@ -150,6 +150,15 @@ def colour_stats(x: Tensor, x_rec: Tensor) -> ColourStats:
     )
 
 
+def image_chroma_ratios(chroma: Tensor, chroma_rec: Tensor) -> Tensor:
+    """Each image's own chroma ratio, reconstruction's mean C* / original's, float64 `(N,)` from the per-image
+    means `(N,)`; NaN for images below `CHROMA_MIN` (near-grey: a faint tint would read as a ratio in the hundreds)."""
+    chroma, chroma_rec = torch.as_tensor(chroma).double(), torch.as_tensor(chroma_rec).double()
+    colourful = chroma >= CHROMA_MIN
+    return torch.where(colourful, chroma_rec / chroma.where(colourful, torch.ones_like(chroma)),
+                       torch.full_like(chroma, float("nan")))
+
+
 def summarize_colour(*, delta_e: Tensor, lab_shift: Tensor, chroma: Tensor, chroma_rec: Tensor,
                      chroma_hist: Tensor) -> ColourSummary:
     """Aggregate per-image values (as `ColourStats.values()` stores them, stacked over N images) into a summary.
@@ -165,9 +174,9 @@ def summarize_colour(*, delta_e: Tensor, lab_shift: Tensor, chroma: Tensor, chro
     # An all-grey set has no chroma to lose: the ratio is 1 if the reconstructions are grey too, else +inf.
     ratio = float(chroma_rec.double().sum()) / total if total > 0 else (1.0 if float(chroma_rec.sum()) == 0 else
                                                                           float("inf"))
-    colourful = chroma.double() >= CHROMA_MIN
-    per_image = chroma_rec.double()[colourful] / chroma.double()[colourful]
-    median = float(np.median(per_image.numpy())) if len(per_image) else None  # the middle two's mean when even
+    ratios = image_chroma_ratios(chroma, chroma_rec)
+    colourful = ~ratios.isnan()
+    median = float(np.median(ratios[colourful].numpy())) if colourful.any() else None  # even: the middle two's mean
     return ColourSummary(
         delta_e=float(delta_e.double().mean()), lab_shift_l=float(shift[0]), lab_shift_a=float(shift[1]),
         lab_shift_b=float(shift[2]), chroma_ratio=ratio, chroma_ratio_median=median,
