@@ -56,9 +56,8 @@ class LossConfig:
             last-layer gradient norm sets the adaptive GAN weight. With `True` a stronger colour term also raises the
             GAN's weight (issue 15: per-pixel weight 2 took it from 0.11 to 1.48 at step 350 of a VQ run, and the run
             lost 1.8 dB); with `False` the weight is set by the reconstruction and perceptual terms alone (taming's
-            NLL) and the colour term is added beside them. `False` measured better for the VQ and KL presets' loss,
-            demo-kl and demo-vq (`eval/ablate_colour.py`); demo-vqvae2, demo-fsq and demo-lfq set `True`, which
-            kept their chroma ratio or ΔE closer to the input's.
+            NLL) and the colour term is added beside them. `False` measured better (PSNR and ΔE) for the VQ and KL
+            presets' loss and every demo config (`eval/ablate_colour.py`), which all use it.
         disc_loss (`"hinge"` or `"non_saturating"`, defaults to `"hinge"`): GAN objective (both on logits).
         disc_input (`"rgb"`, `"luma"` or `"grey"`, defaults to `"rgb"`): what the discriminator sees, real and
             reconstructed alike: the RGB images, or one grey image replicated to three channels (as for

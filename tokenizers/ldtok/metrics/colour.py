@@ -154,9 +154,7 @@ def image_chroma_ratios(chroma: Tensor, chroma_rec: Tensor) -> Tensor:
     """Each image's own chroma ratio, reconstruction's mean C* / original's, float64 `(N,)` from the per-image
     means `(N,)`; NaN for images below `CHROMA_MIN` (near-grey: a faint tint would read as a ratio in the hundreds)."""
     chroma, chroma_rec = torch.as_tensor(chroma).double(), torch.as_tensor(chroma_rec).double()
-    colourful = chroma >= CHROMA_MIN
-    return torch.where(colourful, chroma_rec / chroma.where(colourful, torch.ones_like(chroma)),
-                       torch.full_like(chroma, float("nan")))
+    return torch.where(chroma >= CHROMA_MIN, chroma_rec / chroma, float("nan"))  # x / 0 is inf, not an error
 
 
 def summarize_colour(*, delta_e: Tensor, lab_shift: Tensor, chroma: Tensor, chroma_rec: Tensor,
